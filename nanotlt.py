@@ -1,0 +1,373 @@
+"""nanotlt.py: the model. A Llama/Qwen2-family decoder (RMSNorm, RoPE, GQA, SwiGLU), its static KV cache,
+loading of Hugging Face checkpoints, and the tiny offline preset (char tokenizer, synthetic task, warm-up).
+
+Two forward paths share every weight:
+  * `model(ids)` / `model.hidden(ids)`: the plain causal forward that training uses;
+  * `model.hidden(ids, ctx=Ctx(slots, cache_lens, tree_mask))`: inference over the static KV cache, on the
+    active rows only; attention goes through `kernels.tree_attention` (decode, chunked prefill, tree verify).
+
+Run `python nanotlt.py` to build the tiny preset (warm-up cached on disk) and print a few of its samples.
+"""
+import glob
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+USE_TRITON = None  # None: the Triton kernel on CUDA, the PyTorch reference on CPU; True/False forces it
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF "rope_parameters": llama3 / linear scaling
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, cfg):
+        if cfg.model_type not in ("llama", "qwen2"):
+            raise ValueError(f"model_type {cfg.model_type!r} is not supported: nanotlt loads 'llama' and 'qwen2' checkpoints")
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        return cls(vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+                   n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
+                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                   intermediate_size=cfg.intermediate_size, norm_eps=cfg.rms_norm_eps,
+                   rope_theta=rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)),
+                   rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+                   qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+                   tie_embeddings=bool(cfg.tie_word_embeddings))
+
+
+def rope_inv_freq(a: ModelArgs):
+    inv_freq = 1.0 / a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float64) / a.head_dim)
+    s = a.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":  # long wavelengths slowed down by `factor`, short ones kept, a smooth ramp between
+        old, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):  # x [B, H, T, D]; cos, sin [B, 1, T, D]; HF's rotate-half layout
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class Ctx:
+    """What one forward call needs besides the tokens. Plain training: `mask` (None = causal, or a dense bool
+    [B, 1, T, T] for packed samples). Static cache: the rows' `slots` and `cache_lens` [B], optional `tree_mask`."""
+    slots: torch.Tensor | None = None
+    cache_lens: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalise in fp32, like the HF reference, then cast back
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.k_cache = self.v_cache = None  # views [S, Hkv, L, D] of the model's cache, set by setup_cache
+
+    def forward(self, x, cos, sin, ctx: Ctx | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx is None or ctx.slots is None:
+            mask = None if ctx is None else ctx.mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        else:  # write the new K/V at cache_lens .. cache_lens+T-1 of each row's slot, then attend over the slot
+            pos = ctx.cache_lens[:, None] + torch.arange(T, device=x.device)  # [B, T]
+            self.k_cache[ctx.slots[:, None], :, pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[ctx.slots[:, None], :, pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+            use_triton = x.is_cuda if USE_TRITON is None else USE_TRITON
+            attend = kernels.tree_attention if use_triton else kernels.tree_attention_ref
+            out = attend(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.dim, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer. The drafter reuses it with `input_norm=False` (EAGLE drops that norm)."""
+
+    def __init__(self, a: ModelArgs, input_norm=True):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps) if input_norm else nn.Identity()
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, ctx=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def rope_cos_sin(inv_freq, positions, dtype):  # positions [B, T] -> cos, sin [B, 1, T, D]
+    angles = positions[..., None].float() * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def default_positions(input_ids, ctx):
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+    return pos + ctx.cache_lens[:, None] if ctx is not None and ctx.cache_lens is not None else pos
+
+
+def setup_cache(layers, n_slots, max_len, device, dtype):
+    """Allocate one static cache [n_layers, slots, kv_heads, max_len, head_dim] for K and one for V; each
+    layer's attention gets its view. One tensor for all layers lets compaction move every layer at once."""
+    attn = layers[0].self_attn
+    shape = (len(layers), n_slots, attn.n_kv_heads, max_len, attn.head_dim)
+    k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+    for i, layer in enumerate(layers):
+        layer.self_attn.k_cache, layer.self_attn.v_cache = k[i], v[i]
+    return k, v
+
+
+class Transformer(nn.Module):
+    """The target (policy) model. Module names follow HF's Llama/Qwen2 so checkpoints load key for key."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        if a.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
+        self.k_cache = self.v_cache = None
+
+    def hidden(self, input_ids, positions=None, ctx: Ctx | None = None):
+        """Last-layer hidden states [B, T, H], before the final norm (what the drafter consumes)."""
+        positions = default_positions(input_ids, ctx) if positions is None else positions
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return x
+
+    def logits(self, h):
+        return self.lm_head(self.norm(h))
+
+    def forward(self, input_ids):  # [B, T] -> logits [B, T, V]
+        return self.logits(self.hidden(input_ids))
+
+    def setup_cache(self, n_slots, max_len, dtype=None):
+        dtype = dtype or self.embed_tokens.weight.dtype
+        self.k_cache, self.v_cache = setup_cache(self.layers, n_slots, max_len, self.inv_freq.device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.bfloat16):
+        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors). Checkpoint code
+        is never run: the config is read with trust_remote_code=False and the weights are plain tensors."""
+        from huggingface_hub import snapshot_download
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+        try:
+            cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+            path = name_or_path if os.path.isdir(name_or_path) else snapshot_download(
+                name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        except Exception as e:
+            raise ValueError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise ValueError(f"no *.safetensors weights in {path!r} (nanotlt loads safetensors checkpoints only)")
+        args = ModelArgs.from_hf(cfg)
+        with torch.device("meta"):
+            model = cls(args)
+        state = {}
+        for f in files:
+            state.update({k.removeprefix("model."): t.to(dtype) for k, t in load_file(f, device=str(device)).items()})
+        if args.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not (args.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{name_or_path!r}: weights do not match a {cfg.model_type} model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if args.tie_embeddings:  # assign=True replaced the embedding parameter: tie the head to it again
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(args).to(device)
+        return model.eval()
+
+
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except Exception as e:
+        raise ValueError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny offline preset: running sums of digit lists whose length is heavy-tailed, so a few responses are
+# much longer than the rest (the long tail that TLT exploits).  "3+5+2=" -> "3+5=8;8+2=10;####10"
+
+
+class CharTokenizer:
+    chars = "0123456789+=;#"
+    pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+    def __init__(self):
+        self.vocab_size = 2 + len(self.chars)
+
+    def encode(self, text):
+        return [2 + self.chars.index(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.chars[i - 2] if i >= 2 else ("" if skip_special_tokens else "<eos>") for i in ids)
+
+
+TINY_MAX_TERMS = 24
+
+
+def tiny_example(rng: random.Random):
+    n = min(TINY_MAX_TERMS, 1 + int(rng.paretovariate(1.1)))  # heavy tail: median 2 terms, p99 over 20
+    terms = [rng.randint(1, 9) for _ in range(n + 1)]
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{total}+{t}={total + t};")
+        total += t
+    return {"prompt": "+".join(map(str, terms)) + "=", "solution": "".join(steps) + f"####{total}", "answer": str(total)}
+
+
+def write_tiny_task(out_dir, n_train=20000, n_test=256, seed=0):
+    """Write the synthetic task to train.jsonl / test.jsonl (fields prompt, solution, answer)."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(tiny_example(rng)) + "\n")
+    return out_dir
+
+
+def tiny_args():
+    return ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                     head_dim=32, intermediate_size=384, rope_theta=10000.0)
+
+
+def sft_batch(rows, tok, device):
+    """Teacher-forcing batch: inputs, targets with the prompt and padding ignored (-100)."""
+    seqs = [(tok.encode(r["prompt"]), tok.encode(r["solution"]) + [tok.eos_token_id]) for r in rows]
+    T = max(len(p) + len(s) for p, s in seqs)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (p, s) in enumerate(seqs):
+        ids[i, :len(p) + len(s)] = torch.tensor(p + s)
+        labels[i, len(p) - 1:len(p) + len(s) - 1] = torch.tensor(s)
+    return ids.to(device), labels.to(device)
+
+
+def tiny_preset(cache_dir, device="cpu", warmup_s=90.0, batch_tokens=2048, lr=3e-3, seed=0, log=print):
+    """The tiny model after a short supervised warm-up on the synthetic task, cached in `cache_dir`.
+    Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be right on
+    short lists and often wrong on long ones, which leaves GRPO something to learn."""
+    tok, data_dir = CharTokenizer(), os.path.join(cache_dir, "tiny_task")
+    if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
+        write_tiny_task(data_dir)
+    model = Transformer(tiny_args()).to(device)
+    ckpt = os.path.join(cache_dir, f"tiny_warmup_{int(warmup_s)}s_seed{seed}.pt")
+    if os.path.exists(ckpt):
+        model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        return model, tok, data_dir
+    import datasets
+    rows = list(datasets.load_dataset("json", data_files=os.path.join(data_dir, "train.jsonl"), split="train"))
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args()).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, t0, step = random.Random(seed), time.time(), 0
+    while time.time() - t0 < warmup_s:
+        # length-sorted pools cut into token-budget batches: the long tail would otherwise make most of
+        # every batch padding
+        pool = sorted(rng.sample(rows, 512), key=lambda r: len(r["prompt"]) + len(r["solution"]))
+        batches, cur = [], []
+        for r in pool:
+            if cur and (len(cur) + 1) * (len(r["prompt"]) + len(r["solution"]) + 1) > batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(r)
+        batches.append(cur)
+        rng.shuffle(batches)
+        for batch in batches:
+            ids, labels = sft_batch(batch, tok, device)
+            loss = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten())
+            for g in opt.param_groups:  # linear decay over the time budget
+                g["lr"] = lr * max(0.05, 1 - (time.time() - t0) / warmup_s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 100 == 0:
+                log(f"tiny warm-up step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save(model.state_dict(), ckpt + ".tmp")
+    os.replace(ckpt + ".tmp", ckpt)
+    return model, tok, data_dir
+
+
+if __name__ == "__main__":
+    cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
+    model, tok, data_dir = tiny_preset(cache)
+    print(f"tiny preset: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, data in {data_dir}")
+    for line in open(os.path.join(data_dir, "test.jsonl")).readlines()[:3]:
+        row = json.loads(line)
+        ids = tok.encode(row["prompt"])
+        with torch.no_grad():
+            for _ in range(len(row["solution"]) + 1):
+                nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+                if nxt == tok.eos_token_id:
+                    break
+                ids.append(nxt)
+        print(f"{row['prompt']} -> {tok.decode(ids)[len(row['prompt']):]}   (reference {row['solution']})")

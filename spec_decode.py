@@ -1,0 +1,512 @@
+"""spec_decode.py: the rollout engine. Batched generation over the static KV cache with lossless sampling,
+and speculative decoding (EAGLE-2 tree drafts, tree verification, KV compaction) that switches on when the
+active batch is small, with a bandit that picks the tree shape per batch-size bucket, a CUDA-graph pool and
+a model-free n-gram drafter.
+
+    python spec_decode.py --bench [--model NAME_OR_PATH] [--drafter PATH|ngram] [--batch 1,4,16,64]
+
+prints tokens/s of plain decoding against SD on the same prompts and seed; the last line is JSON.
+
+Per row the engine keeps, by cache slot: the tokens so far, the target's hidden states of the cached tokens
+(the drafter reads them), `lens` (tokens in the target's cache) and the *pending* token tokens[lens]: sampled,
+not yet run through the target. A plain step runs the pending token; an SD step runs the pending token as the
+root of a draft tree. Either way it commits c >= 1 tokens: the cache grows by c and c new tokens are sampled.
+"""
+import argparse
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from nanotlt import Ctx
+
+# ---------------------------------------------------------------------------------------------------------
+# Lossless sampling: token t of sequence s is argmax(logits / temperature + g(seed, s, t)), with g a Gumbel
+# vector that is a pure function of its key. Sampling becomes deterministic given the prefix, so verifying a
+# draft is an exact-match test, and SD on/off, batch order and composition cannot change what is sampled.
+
+M32 = 0xFFFFFFFF
+
+
+def mix32(x):  # a 32-bit integer hash kept in int64, so no product can overflow
+    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & M32
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & M32
+    return x ^ (x >> 15)
+
+
+def gumbel(seed, seq_ids, steps, vocab):  # seq_ids [N], steps [N] -> [N, vocab] fp32
+    key = mix32(mix32(seq_ids + mix32(torch.full_like(seq_ids, seed))) ^ steps)
+    h = mix32(key[:, None] ^ torch.arange(vocab, device=seq_ids.device) * 0x9E3779B1 & M32)
+    u = ((h >> 8).float() + 0.5) / 2 ** 24  # uniform in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0, chunk=1 << 22):
+    """logits [B, T, V], seq_ids [B], steps [B, T] -> tokens [B, T]; chunked so [B*T, V] int64 noise stays small."""
+    B, T, V = logits.shape
+    if temperature == 0:
+        return logits.argmax(-1)
+    flat, ids, st = logits.reshape(B * T, V), seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1)
+    out = []
+    for i in range(0, B * T, max(1, chunk // V)):
+        x = flat[i:i + chunk // V].float() / temperature
+        if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+            probs, order = x.softmax(-1).sort(-1, descending=True)
+            drop = (probs.cumsum(-1) - probs) >= top_p
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        out.append((x + gumbel(seed, ids[i:i + chunk // V], st[i:i + chunk // V], V)).argmax(-1))
+    return torch.cat(out).view(B, T)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engine state, per cache slot (one slot per sequence of the rollout, plus a dummy slot for graph padding)
+
+
+@dataclass
+class State:
+    tokens: torch.Tensor  # [S, L] prompt + generated tokens; tokens[s, lens[s]] is the pending token
+    hidden: torch.Tensor | None  # [S, L, H] target hidden state of every cached position (for the drafter)
+    lens: torch.Tensor  # [S] tokens in the target's KV cache
+    draft_lens: torch.Tensor  # [S] positions in the drafter's KV cache
+    n_gen: torch.Tensor  # [S] tokens generated so far, the pending one included
+    seq_ids: torch.Tensor  # [S] sampling keys
+    groups: torch.Tensor  # [S] GRPO group of each sequence (the n-gram drafter reads siblings)
+    group_slots: torch.Tensor  # [n_groups, G] the slots of each group, padded with -1
+    prompt_lens: torch.Tensor  # [S]
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # [B, T] node 0 is the root (the pending token)
+    parents: torch.Tensor  # [B, T] index of each node's parent, -1 for the root
+    depth: torch.Tensor  # [B, T]
+    mask: torch.Tensor | None  # [B, T, T] ancestor-or-self; None for a chain (causal)
+    max_depth: int
+
+
+def commit(st, slots, h, new_tokens, count):
+    """Commit `count` [B] tokens per row: the hidden states h [B, P, H] of the tokens now in the cache and the
+    new_tokens [B, P] that follow them. Entries past `count` are written too (no masking, no sync): they
+    land beyond the row's length and are overwritten later."""
+    pos = st.lens[slots, None] + torch.arange(new_tokens.shape[1], device=slots.device)  # [B, P]
+    if st.hidden is not None:
+        st.hidden[slots[:, None], pos] = h.to(st.hidden.dtype)
+    st.tokens[slots[:, None], pos + 1] = new_tokens
+    st.lens[slots] += count
+    st.n_gen[slots] += count
+
+
+def forward(model, slots, cache_lens, tokens, positions, tree_mask):
+    """One target forward over [B, T] new tokens of the active rows: (hidden [B, T, H], logits [B, T, V]).
+    Tensors only, fixed shapes: this is what the CUDA-graph pool captures."""
+    h = model.hidden(tokens, positions, Ctx(slots=slots, cache_lens=cache_lens, tree_mask=tree_mask))
+    return h, model.logits(h)
+
+
+def target_step(model, st, slots, tokens, positions, tree_mask, cfg):
+    """The target's hidden states at the new tokens and its own (sampled) next token after each of them."""
+    lens = st.lens[slots]
+    h, logits = cfg.graphs("target", lambda *a: forward(model, *a), slots, lens, tokens, positions, tree_mask)
+    steps = st.n_gen[slots, None] + positions - lens[:, None]  # generated-token index of the next token
+    return h, sample(logits, st.seq_ids[slots], steps, cfg.temperature, cfg.top_p, cfg.seed)
+
+
+def decode_step(model, st, slots, cfg):
+    pending = st.tokens[slots, st.lens[slots]][:, None]  # [B, 1]
+    h, nxt = target_step(model, st, slots, pending, st.lens[slots, None], None, cfg)
+    commit(st, slots, h, nxt, torch.ones_like(slots))
+    return nxt, torch.ones_like(slots)
+
+
+def verify_step(model, st, slots, tree: Tree, cfg):
+    """Run the tree through the target, walk it from the root along the target's own choices, commit the
+    matched path plus the target's next token ("bonus"), and compact the accepted K/V."""
+    h, choice = target_step(model, st, slots, tree.tokens, st.lens[slots, None] + tree.depth, tree.mask, cfg)
+    B, dev = len(slots), slots.device
+    cur = torch.zeros(B, dtype=torch.long, device=dev)
+    path = torch.zeros(B, tree.max_depth + 1, dtype=torch.long, device=dev)  # accepted nodes, root first
+    accepted = torch.zeros(B, dtype=torch.long, device=dev)
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    for d in range(tree.max_depth):  # one level per iteration, all rows and nodes at once
+        want = choice.gather(1, cur[:, None])  # the target's token after the current node
+        match = (tree.parents == cur[:, None]) & (tree.tokens == want)  # siblings are distinct: <= 1 match
+        alive &= match.any(1)
+        cur = torch.where(alive, match.int().argmax(1), cur)
+        path[:, d + 1] = cur
+        accepted += alive
+    count = accepted + 1  # root + accepted nodes enter the cache; accepted tokens + bonus are new
+    bonus = choice.gather(1, cur[:, None])
+    new_tokens = torch.cat([tree.tokens.gather(1, path[:, 1:]), bonus], 1)  # [B, max_depth + 1]
+    new_tokens.scatter_(1, accepted[:, None], bonus)  # the bonus right after the accepted path
+    kernels.compact_kv(model.k_cache, model.v_cache, slots, st.lens[slots], path, count)
+    commit(st, slots, h.gather(1, path[..., None].expand(-1, -1, h.shape[-1])), new_tokens, count)
+    return new_tokens, count
+
+# ---------------------------------------------------------------------------------------------------------
+# Drafting. A drafter is either a model with hidden()/logits()/setup_cache() (EAGLE, drafter.py), drafted by
+# `eagle_draft` below, or an object with its own draft(st, slots, shape) -> Tree (the n-gram drafter).
+
+
+def ancestor_mask(parents, max_depth):  # parents [B, T] (-1 for the root) -> [B, T, T] ancestor-or-self
+    B, T = parents.shape
+    mask = torch.eye(T, dtype=torch.bool, device=parents.device).expand(B, T, T).clone()
+    anc, rows = parents.clone(), torch.arange(T, device=parents.device)
+    for _ in range(max_depth):  # max_depth hops up reach the root from any node
+        mask[:, rows, anc.clamp(min=0)] |= (anc >= 0)
+        anc = torch.where(anc >= 0, parents.gather(1, anc.clamp(min=0)), anc)
+    return mask
+
+
+def catch_up(drafter, st, slots, chunk=512):
+    """Run the drafter over the pairs (x_{t+1}, h_t) it has not seen, t in [draft_lens, lens): after a round
+    of SD those are the freshly committed tokens with the target's true hidden states. Returns the drafter's
+    prediction for the hidden state of the pending token [B, H]."""
+    lens, start = st.lens[slots], st.draft_lens[slots]
+    todo = int((lens - start).max())
+    out = torch.empty(len(slots), st.hidden.shape[-1], device=slots.device, dtype=st.hidden.dtype)
+    for c0 in range(0, todo, chunk):
+        T = min(chunk, todo - c0)
+        t = (start[:, None] + c0 + torch.arange(T, device=slots.device)).clamp(max=st.tokens.shape[1] - 2)
+        ctx = Ctx(slots=slots, cache_lens=start + c0)
+        h = drafter.hidden(st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t, ctx)  # [B, T, H]
+        last = lens - 1 - start - c0  # index of the pending token's pair in this chunk
+        here = (last >= 0) & (last < T)
+        out[here] = h[here, last[here]].to(out.dtype)
+    st.draft_lens[slots] = lens
+    return out
+
+
+def eagle_draft(drafter, st, slots, depth, topk, n_verify):
+    """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
+    the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
+    exceeds its parent's, so the kept nodes form a tree."""
+    B, k, dev = len(slots), topk, slots.device
+    lens = st.lens[slots]
+    root_h = catch_up(drafter, st, slots)  # [B, H] predicted hidden state of the pending token
+    logp = torch.log_softmax(drafter.logits(root_h).float(), -1)  # [B, V]
+    score, tok = logp.topk(k, -1)  # [B, k] the depth-1 candidates, which are also the first beams
+    cand_tok, cand_score, cand_parent, cand_depth = [tok], [score], [torch.full_like(tok, -1)], [torch.ones_like(tok)]
+    beam_idx = torch.arange(k, device=dev).expand(B, k)  # candidate index of each current beam
+    beam_tok, beam_in_h = tok, root_h[:, None].expand(B, k, -1)  # drafter inputs of all beams so far
+    beam_mask = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # ancestor-or-self among them
+    for d in range(1, depth):
+        # rerun the drafter over every beam so far (a few dozen tokens): each sees the cache and its ancestors
+        n = beam_tok.shape[1]
+        pos = lens[:, None] + torch.arange(n, device=dev) // k  # [B, n]: depth-j beams sit at lens + j - 1
+        h = drafter.hidden(beam_tok, beam_in_h, pos, Ctx(slots=slots, cache_lens=lens, tree_mask=beam_mask))
+        h_last = h[:, -k:]  # [B, k, H] the current beams' predictions
+        lp = torch.log_softmax(drafter.logits(h_last).float(), -1)  # [B, k, V]
+        child_score, child_tok = lp.topk(k, -1)  # [B, k, k]
+        child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k]
+        child_tok = child_tok.flatten(1)
+        child_parent = beam_idx[:, :, None].expand(B, k, k).flatten(1)
+        base = sum(t.shape[1] for t in cand_tok)
+        cand_tok.append(child_tok), cand_score.append(child_score), cand_parent.append(child_parent)
+        cand_depth.append(torch.full_like(child_tok, d + 1))
+        score, best = child_score.topk(k, -1)  # the next beams
+        beam_idx = base + best
+        parent_local = n - k + best // k  # beam index (in the beam list) of each new beam's parent
+        beam_tok = torch.cat([beam_tok, child_tok.gather(1, best)], 1)
+        beam_in_h = torch.cat([beam_in_h, h_last.gather(1, (best // k)[..., None].expand(-1, -1, h.shape[-1]))], 1)
+        rows = beam_mask.gather(1, parent_local[..., None].expand(-1, -1, n))  # new beams inherit parent ancestry
+        beam_mask = torch.cat([torch.cat([beam_mask, torch.zeros(B, n, k, dtype=torch.bool, device=dev)], 2),
+                               torch.cat([rows, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)], 1)
+    tok, score, parent, dep = (torch.cat(x, 1) for x in (cand_tok, cand_score, cand_parent, cand_depth))
+    keep = (score - 1e-4 * dep).topk(n_verify - 1, -1).indices.sort(-1).values  # parents before children
+    local = torch.full_like(tok, -1).scatter_(1, keep, torch.arange(1, n_verify, device=dev).expand(B, -1))
+    par = parent.gather(1, keep)
+    par = torch.where(par < 0, 0, local.gather(1, par.clamp(min=0)))  # candidate index -> tree node index
+    zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    parents = torch.cat([zero - 1, par], 1)
+    pending = st.tokens[slots, lens][:, None]
+    return Tree(torch.cat([pending, tok.gather(1, keep)], 1), parents, torch.cat([zero, dep.gather(1, keep)], 1),
+                ancestor_mask(parents, depth), depth)
+
+
+class NgramDrafter:
+    """Model-free drafts: find the latest earlier occurrence of the last n tokens in the row's own sequence or
+    in its GRPO siblings (same prompt, responses that often repeat each other) and propose what followed it,
+    as a chain. Backs off from n to 1."""
+
+    def __init__(self, n=3):
+        self.n = n
+
+    def draft(self, st, slots, depth, topk=1, n_verify=None):
+        B, dev = len(slots), slots.device
+        ends = st.lens[slots] + 1  # sequence length including the pending token
+        members = st.group_slots[st.groups[slots]]  # [B, G] slots of each row's group (padded with -1)
+        seqs = st.tokens[members.clamp(min=0)]  # [B, G, L]
+        member_ends = torch.where(members >= 0, st.lens[members.clamp(min=0)] + 1, 0)  # [B, G]
+        best_g = torch.zeros(B, dtype=torch.long, device=dev)  # which member holds the chosen match
+        best_p = torch.full((B,), -1, dtype=torch.long, device=dev)  # where its continuation starts
+        for n in range(self.n, 0, -1):
+            query = st.tokens[slots[:, None], (ends[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)]
+            hit = (seqs.unfold(2, n, 1) == query[:, None, None]).all(-1)  # [B, G, L-n+1]
+            p = torch.arange(hit.shape[2], device=dev)
+            hit &= p + n < member_ends[..., None]  # something follows (which also rules out the query itself)
+            val, arg = torch.where(hit, p + n, -1).flatten(1).max(1)  # the latest continuation
+            take = (best_p < 0) & (val >= 0)
+            best_g = torch.where(take, arg // hit.shape[2], best_g)
+            best_p = torch.where(take, val, best_p)
+        idx = (best_p.clamp(min=0)[:, None] + torch.arange(depth, device=dev)).clamp(max=seqs.shape[2] - 1)
+        chain = seqs[torch.arange(B, device=dev)[:, None], best_g[:, None], idx]  # [B, depth]
+        pending = st.tokens[slots, st.lens[slots]][:, None]
+        T = depth + 1
+        ar = torch.arange(T, device=dev).expand(B, T)
+        return Tree(torch.cat([pending, chain], 1), ar - 1, ar, None, depth)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the tree shape: BEG-MAB, one epsilon-greedy bandit per batch-size bucket
+
+
+@dataclass(frozen=True)
+class Arm:
+    drafter: str  # "model" (the learned drafter) or "ngram" (the model-free fallback)
+    depth: int
+    topk: int
+    verify_tokens: int
+
+
+DEFAULT_ARMS = (Arm("model", 3, 2, 6), Arm("model", 5, 4, 12), Arm("model", 6, 4, 24), Arm("model", 8, 4, 48),
+                Arm("ngram", 3, 1, 4), Arm("ngram", 6, 1, 7))
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def bucket(rows):
+    return next(b for b in BUCKETS if b >= rows) if rows <= BUCKETS[-1] else rows
+
+
+class Bandit:
+    """Arms are tree shapes; reward is committed tokens per second of draft + verify time. Untried arms come
+    first, then epsilon-greedy on the median of a sliding window (robust to a slow outlier step). A memory
+    guard drops arms whose verify_tokens x rows exceeds the budget. Unlike TLT's default of one arm per
+    bucket, every bucket has several arms, so it does explore."""
+
+    def __init__(self, arms=DEFAULT_ARMS, eps=0.1, window=16, token_budget=4096, seed=0):
+        self.arms, self.eps, self.window, self.budget = list(arms), eps, window, token_budget
+        self.rewards, self.rng = {}, random.Random(seed)
+
+    def choose(self, rows):
+        b = bucket(rows)
+        ok = [a for a in self.arms if a.verify_tokens * b <= self.budget] or [min(self.arms, key=lambda a: a.verify_tokens)]
+        untried = [a for a in ok if not self.rewards.get((b, a))]
+        if untried:
+            return untried[0]
+        if self.rng.random() < self.eps:
+            return self.rng.choice(ok)
+        return max(ok, key=lambda a: statistics.median(self.rewards[b, a]))
+
+    def update(self, rows, arm, reward):
+        r = self.rewards.setdefault((bucket(rows), arm), [])
+        r.append(reward)
+        del r[:-self.window]
+
+    def best(self):  # {bucket: best arm so far}, for the stats
+        out = {}
+        for (b, a), r in self.rewards.items():
+            if b not in out or statistics.median(r) > statistics.median(self.rewards[b, out[b]]):
+                out[b] = a
+        return {b: (a.drafter, a.depth, a.topk, a.verify_tokens) for b, a in sorted(out.items())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA graphs (GPU only): the fixed-shape steps are captured lazily per (name, batch bucket, shapes) in one
+# shared memory pool; the active batch is padded to its bucket with rows that point at a dummy slot.
+
+
+class GraphPool:
+    def __init__(self, enabled, dummy_slot):
+        self.enabled, self.dummy_slot = enabled and torch.cuda.is_available(), dummy_slot
+        self.graphs, self.pool, self.bytes = {}, None, 0
+
+    def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors with rows first
+        if not self.enabled:
+            return fn(slots, *args)
+        B, Bp = len(slots), bucket(len(slots))
+        key = (name, Bp) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
+        if key not in self.graphs:
+            static = [torch.full((Bp,), self.dummy_slot, dtype=slots.dtype, device=slots.device)]
+            static += [None if a is None else a[:1].expand(Bp, *a.shape[1:]).clone() for a in args]
+            static[0][:B] = slots
+            before = torch.cuda.memory_reserved()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (allocator, Triton autotune) outside the capture
+                fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*static)
+            self.pool = self.pool or graph.pool()
+            self.bytes += torch.cuda.memory_reserved() - before
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for s, a in zip(static, (slots,) + args):
+            if a is not None:
+                s[:B].copy_(a)
+        graph.replay()
+        return tuple(o[:B] for o in out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+
+
+@dataclass
+class Run:
+    temperature: float
+    top_p: float
+    seed: int
+    graphs: GraphPool
+
+
+def ensure_cache(module, n_slots, max_len):
+    """Keep one static cache across calls (CUDA graphs hold its address); grow it only when too small."""
+    k = getattr(module, "k_cache", None)
+    if k is None or k.shape[1] < n_slots or k.shape[3] < max_len:
+        module.setup_cache(n_slots, max_len)
+        module.graph_pool = None
+
+
+def prefill(model, st, slots, prompts, cfg, chunk=512):
+    """Run the right-padded prompts through the target in chunks of positions; pad positions write K/V past
+    each row's length, which is never read and later overwritten. Returns the first sampled tokens [N]."""
+    P = max(len(p) for p in prompts)
+    plen = st.prompt_lens[slots]
+    last_h = torch.empty(len(prompts), model.args.dim, device=slots.device, dtype=model.embed_tokens.weight.dtype)
+    for c0 in range(0, P, chunk):
+        ids = st.tokens[slots, c0:min(P, c0 + chunk)]  # [N, T]
+        T = ids.shape[1]
+        h = model.hidden(ids, ctx=Ctx(slots=slots, cache_lens=torch.full_like(slots, c0)))  # [N, T, H]
+        if st.hidden is not None:
+            st.hidden[slots, c0:c0 + T] = h.to(st.hidden.dtype)
+        here = (plen - 1 >= c0) & (plen - 1 < c0 + T)
+        last_h[here] = h[here, (plen - 1 - c0)[here]]
+    first = sample(model.logits(last_h[:, None]), st.seq_ids[slots], torch.zeros_like(slots)[:, None],
+                   cfg.temperature, cfg.top_p, cfg.seed)[:, 0]
+    st.tokens[slots, plen] = first
+    st.lens[slots], st.n_gen[slots] = plen, 1
+    return first
+
+
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, eos_id=None, *, drafter=None,
+             sd_threshold=32, draft_depth=None, draft_topk=None, verify_tokens=None, bandit=None, seq_ids=None,
+             group_ids=None, cuda_graphs=False, on_tail=None, on_finish=None, progress=False):
+    """Generate for a list of token-id prompts. Returns (outputs: list of new-token lists, eos included when
+    produced; stats). `drafter`: None (plain decoding), "ngram", or a drafter model (drafter.Drafter); SD runs
+    only while the active rows are <= sd_threshold. A fixed (draft_depth, draft_topk, verify_tokens) disables
+    the bandit. `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell the n-gram
+    drafter which rows are GRPO siblings. `on_tail()` is called once when the tail starts, `on_finish(i,
+    tokens, hidden)` when row i ends (tokens: prompt + output; hidden: the target's hidden states of all but
+    the last token, or None)."""
+    dev, N = model.inv_freq.device, len(prompts)
+    V = model.args.vocab_size
+    for p in prompts:
+        if not p or min(p) < 0 or max(p) >= V:
+            raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V}), got {p[:8]}...")
+    learned = drafter is not None and drafter != "ngram"
+    ngram = NgramDrafter() if drafter is not None else None
+    if draft_depth is not None:
+        kind = "model" if learned else "ngram"
+        topk = draft_topk or 1
+        arms = [Arm(kind, draft_depth, topk, verify_tokens or draft_depth + 1)]
+    else:
+        arms = [a for a in DEFAULT_ARMS if learned or a.drafter == "ngram"]
+    bandit = bandit or Bandit(arms, seed=seed)
+    slack = max([a.verify_tokens + a.depth * a.topk for a in bandit.arms] + [1]) + 2
+    S, L = N + 1, max(len(p) for p in prompts) + max_new_tokens + slack  # one extra slot: the graphs' dummy
+    ensure_cache(model, S, L)
+    if learned:
+        ensure_cache(drafter, S, L)
+    model.graph_pool = getattr(model, "graph_pool", None) or GraphPool(cuda_graphs, model.k_cache.shape[1] - 1)
+    cfg = Run(temperature, top_p, seed, model.graph_pool)
+
+    groups = torch.tensor(group_ids if group_ids is not None else range(N), device=dev)
+    _, groups = groups.unique(return_inverse=True)
+    G = int(torch.bincount(groups).max())
+    group_slots = torch.full((int(groups.max()) + 1, G), -1, dtype=torch.long, device=dev)
+    for i, g in enumerate(groups.tolist()):  # once per call, tiny
+        group_slots[g, int((group_slots[g] >= 0).sum())] = i
+    st = State(tokens=torch.zeros(S, L, dtype=torch.long, device=dev),
+               hidden=torch.zeros(S, L, model.args.dim, device=dev, dtype=model.embed_tokens.weight.dtype)
+               if learned or on_finish else None,
+               lens=torch.zeros(S, dtype=torch.long, device=dev), draft_lens=torch.zeros(S, dtype=torch.long, device=dev),
+               n_gen=torch.zeros(S, dtype=torch.long, device=dev),
+               seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
+               groups=torch.cat([groups, groups[:1]]), group_slots=group_slots,
+               prompt_lens=torch.tensor([len(p) for p in prompts] + [1], device=dev))
+    for i, p in enumerate(prompts):
+        st.tokens[i, :len(p)] = torch.tensor(p)
+    stats = dict(tokens=0, target_forwards=0, verify_steps=0, sd_rows=0, sd_tokens=0, tail_s=0.0, timeline=[])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        all_slots = torch.arange(N, device=dev)
+        first = prefill(model, st, all_slots, prompts, cfg).tolist()
+        stats["target_forwards"] += 1
+        outputs, active, tail_started = [[t] for t in first], [], False
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=N, desc="rollout", leave=False)
+
+        def finish(i):
+            if bar is not None:
+                bar.update(1)
+            if on_finish is not None:
+                n = len(prompts[i]) + len(outputs[i])
+                on_finish(i, st.tokens[i, :n].clone(), None if st.hidden is None else st.hidden[i, :n - 1].clone())
+
+        for i, t in enumerate(first):
+            (finish(i) if t == eos_id or max_new_tokens <= 1 else active.append(i))
+        while active:
+            B, step_t0 = len(active), time.perf_counter()
+            slots = torch.tensor(active, device=dev)
+            use_sd = drafter is not None and B <= sd_threshold
+            if B <= sd_threshold and not tail_started:
+                tail_started, stats["tail_start_s"] = True, step_t0 - t0
+                if on_tail is not None:
+                    on_tail()
+            if use_sd:
+                arm = bandit.choose(B)
+                if arm.drafter == "model":
+                    tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens)
+                else:
+                    tree = ngram.draft(st, slots, arm.depth)
+                new, count = verify_step(model, st, slots, tree, cfg)
+            else:
+                new, count = decode_step(model, st, slots, cfg)
+            new, count = new.tolist(), count.tolist()  # the step's one host sync
+            dt = time.perf_counter() - step_t0
+            if use_sd:
+                bandit.update(B, arm, sum(count) / dt)
+                stats["verify_steps"] += 1
+                stats["sd_rows"] += B
+                stats["sd_tokens"] += sum(count)
+            if tail_started:
+                stats["tail_s"] += dt
+            stats["target_forwards"] += 1
+            stats["timeline"].append((round(step_t0 - t0, 5), B, use_sd))
+            still = []
+            for b, i in enumerate(active):
+                done = False
+                for t in new[b][:count[b]]:
+                    outputs[i].append(t)
+                    if t == eos_id or len(outputs[i]) >= max_new_tokens:
+                        done = True
+                        break
+                (finish(i) if done else still.append(i))
+            active = still
+        if bar is not None:
+            bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    stats["tokens"] = sum(len(o) for o in outputs)
+    stats["accept_len"] = stats["sd_tokens"] / max(1, stats["sd_rows"])  # tokens per row per verify
+    stats["tokens_per_s"] = stats["tokens"] / stats["seconds"]
+    stats["arms"] = bandit.best()
+    stats["graph_pool_mb"] = cfg.graphs.bytes / 2 ** 20
+    return outputs, stats
