@@ -1,0 +1,318 @@
+"""Tree-verify attention over a static KV cache, and KV compaction, in Triton (+ plain-PyTorch references).
+
+One kernel serves decode (T=1), chunks (causal among the T new tokens) and speculative tree verification
+(a T x T ancestor mask). The new tokens' K/V are already in the cache at positions len..len+T-1 of the row's
+slot; each query sees all `len` cached tokens and the new tokens its mask allows. Flash-style online softmax
+in fp32; the query heads of one GQA group share a program, so each row's cache is read once: the roofline.
+When there are too few (row, kv-head) programs to fill the GPU, the cache is split across programs
+(flash-decoding) and a small kernel merges the partial results.
+
+    python kernels.py           # correctness: kernel vs reference vs SDPA (CPU: Triton interpreter)
+    python kernels.py --bench   # GPU timings vs SDPA and the reference; last line is JSON
+"""
+import functools, json, math, os, sys
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorators below
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_ok, vis, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+    if UPCAST:  # the interpreter's bf16 dot is wrong
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite, so a fully masked block gives no NaN
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _tree_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, mask_ptr, o_ptr, lse_ptr, qk_scale, T, n_splits,
+                      sq_b, sq_h, sq_t, sk_s, sk_h, sk_l, sv_s, sv_h, sv_l, sm_b, sm_i, sm_j, so_b, so_h, so_t, so_s,
+                      GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    n_m = tl.cdiv(GROUP * T, BLOCK_M)
+    m_blk, split = tl.program_id(0) % n_m, tl.program_id(0) // n_m  # m fastest: programs sharing KV run together
+    kvh, b = tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slots_ptr + b).to(tl.int64)  # int64: a layer's cache can pass 2**31 elements
+    cache_len = tl.load(lens_ptr + b)
+    # tile row r = (query head g of the group, new token t); rows past GROUP*T are padding
+    r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, t, row_ok = r // T, r % T, r < GROUP * T
+    h = kvh * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (h * sq_h + t * sq_t)[:, None] + d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + slot * sk_s + kvh * sk_h + d[None, :]
+    v_base = v_ptr + slot * sv_s + kvh * sv_h + d[None, :]
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    # cached tokens, all visible: this split's share, rounded to whole blocks
+    chunk = tl.cdiv(tl.cdiv(cache_len, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, cache_len)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + n
+        ok = pos < hi
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + pos[:, None] * sk_l, v_base + pos[:, None] * sv_l,
+                                ok, ok[None, :], qk_scale, UPCAST, PREC)
+    # the new tokens, under the tree (or causal) mask: done by the last split only
+    n_new = tl.where(split == n_splits - 1, T, 0)
+    for j0 in tl.range(0, n_new, BLOCK_N, num_stages=1):  # usually one block: nothing to pipeline
+        j = j0 + n
+        ok = j < T
+        if HAS_MASK:
+            vis = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_i + j[None, :] * sm_j,
+                          mask=row_ok[:, None] & ok[None, :], other=0) != 0
+        else:
+            vis = j[None, :] <= t[:, None]
+        pos = cache_len + j
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + pos[:, None] * sk_l, v_base + pos[:, None] * sv_l,
+                                ok, vis & ok[None, :], qk_scale, UPCAST, PREC)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only an empty split has l == 0 (else l >= 1)
+    o_off = b.to(tl.int64) * so_b + h * so_h + t * so_t + split * so_s
+    tl.store(o_ptr + o_off[:, None] + d[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    if SPLIT:
+        tl.store(lse_ptr + o_off // D, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(o_part, lse_part, out, n_splits, D: tl.constexpr, NS_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one (b, head, t)
+    s, d = tl.arange(0, NS_P), tl.arange(0, D)
+    lse = tl.load(lse_part + row * n_splits + s, mask=s < n_splits, other=-1e30)
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(o_part + (row * n_splits + s[:, None]) * D + d[None, :], mask=s[:, None] < n_splits, other=0.0)
+    tl.store(out + row * D + d, (tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)).to(out.dtype.element_ty))
+
+
+def _config(B, Hkv, G, T, L, D, dtype, device):
+    """Block sizes and the KV split from shapes only (no device->host sync: CUDA-graph safe)."""
+    if INTERPRET:  # small blocks so tiny tests still cover several blocks; splits only when asked
+        return 16, 16, 1, 4, 1
+    wide = dtype == torch.float32
+    block_n = 32 if wide else 64
+    block_m = min(max(16, triton.next_power_of_2(G * T)), 64 if wide else 128)
+    progs = B * Hkv * triton.cdiv(G * T, block_m)
+    n_sm = _sm_count(device)
+    splits = 1 if progs >= n_sm else min(triton.cdiv(2 * n_sm, progs), max(1, L // (2 * block_n)), 64)
+    return block_m, block_n, splits, (4 if block_m <= 64 else 8), (2 if wide else 3)
+
+
+@functools.lru_cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tree_attention(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None, num_splits=None):
+    """q [B, Hq, T, D]; caches [S, Hkv, L, D]; slots, cache_lens [B]; tree_mask bool [B, T, T] or None (causal).
+    num_splits overrides how many programs share a row's cache (default: from shapes and the SM count)."""
+    B, Hq, T, D = q.shape
+    S, Hkv, L, _ = k_cache.shape
+    G = Hq // Hkv
+    assert Hq == G * Hkv and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and D == triton.next_power_of_2(D)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_m, block_n, splits, warps, stages = _config(B, Hkv, G, T, L, D, q.dtype, q.device)
+    splits = num_splits or splits
+    qk_scale = (sm_scale if sm_scale is not None else D ** -0.5) * math.log2(math.e)
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)  # [B, Hq, T, D]
+    if splits > 1:
+        o = torch.empty(B, Hq, T, splits, D, device=q.device, dtype=torch.float32)  # per-split, normalised
+        lse = torch.empty(B, Hq, T, splits, device=q.device, dtype=torch.float32)  # log2-sum-exp per split
+        o_strides = o.stride()[:4]
+    else:
+        o, lse, o_strides = out, out, (*out.stride()[:3], 0)
+    mask = tree_mask.view(torch.uint8) if tree_mask is not None else cache_lens  # bool as bytes; dummy if None
+    m_strides = mask.stride() if tree_mask is not None else (0, 0, 0)
+    grid = (triton.cdiv(G * T, block_m) * splits, Hkv, B)
+    _tree_attn_kernel[grid](
+        q, k_cache, v_cache, slots, cache_lens, mask, o, lse, qk_scale, T, splits,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *m_strides, *o_strides,
+        GROUP=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=tree_mask is not None, SPLIT=splits > 1,
+        UPCAST=INTERPRET, PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+    if splits > 1:
+        _combine_kernel[(B * Hq * T,)](o, lse, out, splits, D=D, NS_P=triton.next_power_of_2(splits))
+    return out
+
+
+def dense_mask(cache_lens, tree_mask, T, L):
+    """[B, T, L] bool: query i of row b sees cache position p. The definition the kernel implements."""
+    B = cache_lens.shape[0]
+    if tree_mask is None:
+        tree_mask = torch.ones(T, T, dtype=torch.bool, device=cache_lens.device).tril().expand(B, T, T)
+    j = torch.arange(L, device=cache_lens.device)[None, :] - cache_lens[:, None].long()  # [B, L] new-token index
+    new_vis = torch.gather(tree_mask, 2, j.clamp(0, T - 1)[:, None, :].expand(B, T, L))  # [B, T, L]
+    return (j < 0)[:, None, :] | ((j < T)[:, None, :] & new_vis)
+
+
+def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None):
+    """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, softmax in fp32."""
+    B, Hq, T, D = q.shape
+    G, L = Hq // k_cache.shape[1], k_cache.shape[2]
+    k = k_cache[slots.long()].float().repeat_interleave(G, dim=1)  # [B, Hq, L, D]
+    v = v_cache[slots.long()].float().repeat_interleave(G, dim=1)
+    mask = dense_mask(cache_lens, tree_mask, T, L)[:, None]  # [B, 1, T, L]
+    s = q.float() @ k.transpose(-1, -2) * (sm_scale if sm_scale is not None else D ** -0.5)  # [B, Hq, T, L]
+    v = v.masked_fill(~mask.any(2)[..., None], 0.0)  # unused cache may hold NaN, and 0 * NaN = NaN
+    return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ v).to(q.dtype)
+
+
+def compact_kv(k_cache, v_cache, slots, cache_lens, accept_idx, accept_len):
+    """Caches [n_layers, S, Hkv, L, D]: move each row's accepted new tokens to be contiguous, all layers at once."""
+    A = accept_idx.shape[1]
+    i = torch.arange(A, device=accept_idx.device)  # [A]
+    dst = cache_lens[:, None].long() + i  # [B, A]
+    src = torch.where(i < accept_len[:, None], cache_lens[:, None].long() + accept_idx, dst)  # padding: onto itself
+    s = slots[:, None].long()  # [B, 1]
+    for cache in (k_cache, v_cache):
+        cache[:, s, :, dst] = cache[:, s, :, src]  # the gather is a copy made before any write: no race
+
+
+@triton.jit
+def _compact_kernel(k_ptr, v_ptr, slots_ptr, lens_ptr, idx_ptr, alen_ptr, s_layer, s_slot, s_head, s_pos, s_idx,
+                    H: tl.constexpr, H_P: tl.constexpr, D: tl.constexpr):
+    b, layer = tl.program_id(0), tl.program_id(1)
+    h, d = tl.arange(0, H_P), tl.arange(0, D)
+    base = layer.to(tl.int64) * s_layer + tl.load(slots_ptr + b).to(tl.int64) * s_slot
+    off = base + h[:, None] * s_head + d[None, :]  # [H_P, D]
+    ok = h[:, None] < H
+    cache_len = tl.load(lens_ptr + b)
+    # in order: step i overwrites new position i, which only earlier steps read (later ones read accept_idx >= i' > i)
+    for i in range(0, tl.load(alen_ptr + b)):
+        src = (cache_len + tl.load(idx_ptr + b * s_idx + i)).to(tl.int64) * s_pos
+        dst = (cache_len + i).to(tl.int64) * s_pos
+        tl.store(k_ptr + off + dst, tl.load(k_ptr + off + src, mask=ok), mask=ok)
+        tl.store(v_ptr + off + dst, tl.load(v_ptr + off + src, mask=ok), mask=ok)
+
+
+def compact_kv_triton(k_cache, v_cache, slots, cache_lens, accept_idx, accept_len):
+    NL, S, H, L, D = k_cache.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    _compact_kernel[(slots.shape[0], NL)](k_cache, v_cache, slots, cache_lens, accept_idx, accept_len,
+                                          *k_cache.stride()[:4], accept_idx.stride(0),
+                                          H=H, H_P=triton.next_power_of_2(H), D=D, num_stages=1)
+
+
+# ---------------------------------------------------------------- checks and benchmark
+def random_tree_mask(B, T, device):
+    """[B, T, T] ancestor-or-self masks of random trees rooted at node 0 (parent[i] < i)."""
+    m = torch.eye(T, dtype=torch.bool, device=device).repeat(B, 1, 1)
+    for i in range(1, T):
+        parent = torch.randint(0, i, (B,), device=device)
+        m[:, i] |= m[torch.arange(B, device=device), parent]
+    return m
+
+
+def _case(B, Hq, Hkv, T, L, D, dtype, device):
+    S = B + 1
+    k, v = (torch.randn(S, Hkv, L, D, device=device, dtype=dtype) for _ in range(2))  # [S, Hkv, L, D]
+    q = torch.randn(B, Hq, T, D, device=device, dtype=dtype)
+    slots = torch.randperm(S, device=device)[:B].int()
+    lens = torch.randint(0, L - T + 1, (B,), device=device).int()
+    return q, k, v, slots, lens, (random_tree_mask(B, T, device) if T > 1 else None)
+
+
+def _sdpa(q, k, v, slots, lens, mask):
+    """SDPA as HF-style code runs it: rows gathered, KV heads repeated (not timed), a dense bool mask."""
+    G, T, L = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    kk = k[slots.long()].repeat_interleave(G, 1)  # [B, Hq, L, D]
+    vv = v[slots.long()].repeat_interleave(G, 1)
+    dense = dense_mask(lens, mask, T, L)[:, None]  # [B, 1, T, L]
+    return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=dense)
+
+
+def check():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [(2, 4, 2, 5, 48, 32, torch.float32, 1), (2, 4, 1, 1, 40, 16, torch.float32, 2),
+             (3, 2, 2, 8, 64, 16, torch.float32, 3), (2, 4, 2, 4, 48, 32, torch.float16, 1)]
+    if dev == "cuda":
+        cases += [(4, 28, 4, 1, 4096, 128, torch.bfloat16, None), (3, 28, 4, 48, 3000, 128, torch.bfloat16, None),
+                  (2, 32, 8, 64, 2048, 64, torch.float16, None), (2, 8, 8, 7, 1000, 128, torch.float32, None)]
+    for B, Hq, Hkv, T, L, D, dtype, ns in cases:
+        q, k, v, slots, lens, mask = _case(B, Hq, Hkv, T, L, D, dtype, dev)
+        out = tree_attention(q, k, v, slots, lens, mask, num_splits=ns).float()
+        ref = tree_attention_ref(q, k, v, slots, lens, mask).float()
+        sd = _sdpa(q.float(), k.float(), v.float(), slots, lens, mask)()
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        e1, e2 = (out - ref).abs().max().item(), (out - sd).abs().max().item()
+        print(f"B={B} Hq={Hq} Hkv={Hkv} T={T} L={L} D={D} {str(dtype)[6:]:8} splits={ns}: "
+              f"|kernel-ref| {e1:.2e}  |kernel-sdpa| {e2:.2e}  {'ok' if max(e1, e2) < tol else 'FAIL'}")
+        assert max(e1, e2) < tol
+    print("all attention checks passed")
+
+
+def bench():
+    from triton.testing import do_bench
+    dev, bf, D, rows = "cuda", torch.bfloat16, 128, []
+    t = lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3  # seconds
+    x = torch.empty(1 << 29, device=dev, dtype=bf)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_bw = 2 * x.numel() * 2 / t(lambda: y.copy_(x))
+    del x, y
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    grid = [(28, 4, L, B, T) for L in (1024, 4096, 16384, 32768) for B in (1, 8, 32, 64) for T in (1, 16, 64)]
+    grid += [(32, 8, L, B, T) for L in (4096, 32768) for B in (1, 32) for T in (1, 16)]
+    caches = {}
+    for Hq, Hkv, L, B, T in grid:
+        if (Hkv, L) not in caches:
+            caches.clear(); torch.cuda.empty_cache()
+            caches[(Hkv, L)] = [torch.randn(64, Hkv, L, D, device=dev, dtype=bf) for _ in range(2)]  # [S, Hkv, L, D]
+        k, v = caches[(Hkv, L)]
+        q = torch.randn(B, Hq, T, D, device=dev, dtype=bf)
+        slots = torch.randperm(64, device=dev)[:B].int()
+        lens = torch.full((B,), L - T, device=dev, dtype=torch.int32)
+        mask = random_tree_mask(B, T, dev) if T > 1 else None
+        byts = 2 * B * Hkv * L * D * 2 + 2 * B * Hq * T * D * 2
+        tk = t(lambda: tree_attention(q, k, v, slots, lens, mask))
+        free = torch.cuda.mem_get_info()[0]
+        ts = tr = None
+        if 2 * B * Hq * L * D * 2 + B * T * L * 2 < 0.4 * free:  # head-expanded K/V + mask for SDPA
+            ts = t(_sdpa(q, k, v, slots, lens, mask))
+        if 3 * B * Hq * L * D * 4 + 3 * B * Hq * T * L * 4 < 0.2 * free:  # fp32 copies the reference makes
+            tr = t(lambda: tree_attention_ref(q, k, v, slots, lens, mask))
+        r = dict(Hq=Hq, Hkv=Hkv, L=L, B=B, T=T, us=tk * 1e6, GBps=byts / tk / 1e9, frac_copy_bw=byts / tk / copy_bw,
+                 sdpa_us=ts and ts * 1e6, speedup_vs_sdpa=ts and ts / tk, ref_us=tr and tr * 1e6)
+        rows.append(r)
+        print(f"Hq={Hq:2} Hkv={Hkv} L={L:5} B={B:2} T={T:2}: {r['us']:8.1f} us {r['GBps']:6.0f} GB/s "
+              f"{r['frac_copy_bw']:5.0%} of copy | sdpa {ts and f'{ts * 1e6:.1f} us ({ts / tk:.2f}x)'} "
+              f"| ref {tr and f'{tr * 1e6:.1f} us'}")
+    caches.clear(); torch.cuda.empty_cache()
+    NL, Hkv, L, T, A, compact = 28, 4, 2048, 64, 8, []
+    k, v = (torch.randn(NL, 64, Hkv, L, D, device=dev, dtype=bf) for _ in range(2))  # [n_layers, S, Hkv, L, D]
+    for B in (1, 8, 32, 64):
+        slots = torch.randperm(64, device=dev)[:B].int()
+        lens = torch.randint(0, L - T, (B,), device=dev).int()
+        idx = torch.stack([torch.randperm(T, device=dev)[:A].sort().values for _ in range(B)]).int()  # [B, A]
+        alen = torch.randint(1, A + 1, (B,), device=dev).int()
+        c = dict(B=B, A=A, torch_us=t(lambda: compact_kv(k, v, slots, lens, idx, alen)) * 1e6,
+                 triton_us=t(lambda: compact_kv_triton(k, v, slots, lens, idx, alen)) * 1e6)
+        compact.append(c)
+        print(f"compact_kv B={B:2} A={A}: torch {c['torch_us']:.1f} us, triton {c['triton_us']:.1f} us")
+    print(json.dumps(dict(device=torch.cuda.get_device_name(), copy_GBps=copy_bw / 1e9, attention=rows,
+                          compact=compact)))
+
+
+if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        if not torch.cuda.is_available():
+            print("--bench needs a CUDA GPU; none found, nothing to time.")
+            sys.exit(0)
+        bench()
+    else:
+        check()
