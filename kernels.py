@@ -164,9 +164,10 @@ def dense_mask(cache_lens, tree_mask, T, L):
 def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None):
     """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, softmax in fp32."""
     B, Hq, T, D = q.shape
-    G, L = Hq // k_cache.shape[1], k_cache.shape[2]
-    k = k_cache[slots.long()].float().repeat_interleave(G, dim=1)  # [B, Hq, L, D]
-    v = v_cache[slots.long()].float().repeat_interleave(G, dim=1)
+    G = Hq // k_cache.shape[1]
+    L = min(k_cache.shape[2], int(cache_lens.max()) + T)  # nothing later is visible (a host sync: CPU path)
+    k = k_cache[slots.long(), :, :L].float().repeat_interleave(G, dim=1)  # [B, Hq, L, D]
+    v = v_cache[slots.long(), :, :L].float().repeat_interleave(G, dim=1)
     mask = dense_mask(cache_lens, tree_mask, T, L)[:, None]  # [B, 1, T, L]
     s = q.float() @ k.transpose(-1, -2) * (sm_scale if sm_scale is not None else D ** -0.5)  # [B, Hq, T, L]
     v = v.masked_fill(~mask.any(2)[..., None], 0.0)  # unused cache may hold NaN, and 0 * NaN = NaN

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels
 
@@ -39,6 +40,8 @@ class ModelArgs:
     rope_scaling: dict | None = None  # HF "rope_parameters": llama3 / linear scaling
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     tie_embeddings: bool = False
+    arch: str = "llama"  # HF model_type: "llama" or "qwen2"
+    max_seq_len: int = 4096  # the context the checkpoint was trained for
 
     @classmethod
     def from_hf(cls, cfg):
@@ -52,7 +55,20 @@ class ModelArgs:
                    rope_theta=rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)),
                    rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
                    qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
-                   tie_embeddings=bool(cfg.tie_word_embeddings))
+                   tie_embeddings=bool(cfg.tie_word_embeddings), arch=cfg.model_type,
+                   max_seq_len=getattr(cfg, "max_position_embeddings", 4096))
+
+    def to_hf(self):
+        """The transformers config of this model, so checkpoints we write load with from_pretrained."""
+        from transformers import LlamaConfig, Qwen2Config
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        kw = dict(vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+                  num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
+                  intermediate_size=self.intermediate_size, rms_norm_eps=self.norm_eps, rope_parameters=rope,
+                  tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_seq_len)
+        if self.arch == "qwen2":
+            return Qwen2Config(**kw)
+        return LlamaConfig(attention_bias=self.qkv_bias, architectures=["LlamaForCausalLM"], **kw)
 
 
 def rope_inv_freq(a: ModelArgs):
@@ -187,6 +203,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
         self.k_cache = self.v_cache = None
+        self.grad_checkpointing = False  # recompute each layer in backward: long responses need it
 
     def hidden(self, input_ids, positions=None, ctx: Ctx | None = None):
         """Last-layer hidden states [B, T, H], before the final norm (what the drafter consumes)."""
@@ -194,7 +211,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
         return x
 
     def logits(self, h):
@@ -216,6 +236,7 @@ class Transformer(nn.Module):
         from transformers import AutoConfig
         try:
             cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+            args = ModelArgs.from_hf(cfg)  # an unsupported architecture fails here, before any download
             path = name_or_path if os.path.isdir(name_or_path) else snapshot_download(
                 name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
         except Exception as e:
@@ -223,7 +244,6 @@ class Transformer(nn.Module):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise ValueError(f"no *.safetensors weights in {path!r} (nanotlt loads safetensors checkpoints only)")
-        args = ModelArgs.from_hf(cfg)
         with torch.device("meta"):
             model = cls(args)
         state = {}
@@ -240,6 +260,16 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(args).to(device)
         return model.eval()
+
+
+def save_pretrained(model, out_dir):
+    """Write config.json + model.safetensors in HF's layout (names prefixed with "model.")."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    model.args.to_hf().save_pretrained(out_dir)
+    state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.args.tie_embeddings)}
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_tokenizer(name_or_path):
@@ -295,7 +325,7 @@ def write_tiny_task(out_dir, n_train=20000, n_test=256, seed=0):
 
 def tiny_args():
     return ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                     head_dim=32, intermediate_size=384, rope_theta=10000.0)
+                     head_dim=32, intermediate_size=384, rope_theta=10000.0, max_seq_len=1024)
 
 
 def sft_batch(rows, tok, device):
@@ -310,7 +340,7 @@ def sft_batch(rows, tok, device):
     return ids.to(device), labels.to(device)
 
 
-def tiny_preset(cache_dir, device="cpu", warmup_s=90.0, batch_tokens=2048, lr=3e-3, seed=0, log=print):
+def tiny_preset(cache_dir, device="cpu", warmup_steps=300, batch_tokens=2048, lr=3e-3, seed=0, log=print):
     """The tiny model after a short supervised warm-up on the synthetic task, cached in `cache_dir`.
     Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be right on
     short lists and often wrong on long ones, which leaves GRPO something to learn."""
@@ -318,7 +348,7 @@ def tiny_preset(cache_dir, device="cpu", warmup_s=90.0, batch_tokens=2048, lr=3e
     if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
         write_tiny_task(data_dir)
     model = Transformer(tiny_args()).to(device)
-    ckpt = os.path.join(cache_dir, f"tiny_warmup_{int(warmup_s)}s_seed{seed}.pt")
+    ckpt = os.path.join(cache_dir, f"tiny_warmup_{warmup_steps}steps_seed{seed}.pt")
     if os.path.exists(ckpt):
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         return model, tok, data_dir
@@ -328,7 +358,7 @@ def tiny_preset(cache_dir, device="cpu", warmup_s=90.0, batch_tokens=2048, lr=3e
     model = Transformer(tiny_args()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng, t0, step = random.Random(seed), time.time(), 0
-    while time.time() - t0 < warmup_s:
+    while step < warmup_steps:
         # length-sorted pools cut into token-budget batches: the long tail would otherwise make most of
         # every batch padding
         pool = sorted(rng.sample(rows, 512), key=lambda r: len(r["prompt"]) + len(r["solution"]))
@@ -340,17 +370,17 @@ def tiny_preset(cache_dir, device="cpu", warmup_s=90.0, batch_tokens=2048, lr=3e
             cur.append(r)
         batches.append(cur)
         rng.shuffle(batches)
-        for batch in batches:
+        for batch in batches[:warmup_steps - step]:
             ids, labels = sft_batch(batch, tok, device)
             loss = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten())
-            for g in opt.param_groups:  # linear decay over the time budget
-                g["lr"] = lr * max(0.05, 1 - (time.time() - t0) / warmup_s)
+            for g in opt.param_groups:  # linear decay
+                g["lr"] = lr * max(0.05, 1 - step / warmup_steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             if step % 100 == 0:
-                log(f"tiny warm-up step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+                log(f"tiny warm-up step {step}/{warmup_steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     os.makedirs(cache_dir, exist_ok=True)
     torch.save(model.state_dict(), ckpt + ".tmp")
     os.replace(ckpt + ".tmp", ckpt)

@@ -1,0 +1,494 @@
+"""train.py: GRPO for reasoning with TLT rollouts (speculative decoding with a drafter trained in the tail).
+
+    python train.py                              # no GPU: the tiny preset, offline, a few minutes on 2 cores
+    torchrun --nproc_per_node 8 train.py         # one 8-GPU box: the default real configuration
+    torchrun --nproc_per_node 2 train.py         # CPU too (gloo), tiny preset
+    python train.py --steps 20 --out out/run1    # any config field can be overridden: --key value
+    python train.py --resume                     # continue from the latest checkpoint in --out
+    python train.py --bench                      # the same steps with SD off and on; last line JSON
+
+One step on one rank: rollout with SD and the spot trainer -> rewards -> group advantages -> update ->
+weights into the inference copy -> drafter averaged across ranks -> metrics -> checkpoint (DESIGN.md §3).
+"""
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import nanotlt
+import rl
+from drafter import Drafter, SpotTrainer
+from spec_decode import Bandit, generate
+
+
+@dataclass
+class Config:
+    preset: str = "auto"  # auto: "real" with CUDA, "tiny" without
+    model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    dataset: str = "openai/gsm8k"
+    eval_dataset: str = ""  # default: the test split of `dataset`
+    out: str = "out"
+    steps: int = 200
+    prompts_per_step: int = 64  # across all ranks; each rank rolls out whole GRPO groups
+    group_size: int = 8
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    updates_per_rollout: int = 1  # > 1: the clipped ratio (eps_low 0.2, eps_high 0.28) comes into play
+    micro_batch_tokens: int = 32768
+    kl_coef: float = 0.0  # > 0: k3 KL against the frozen initial policy
+    mask_truncated: bool = True
+    sd: str = "on"  # "off": the baseline, everything else equal
+    sd_threshold: int = 32  # SD (and spot training) while active rows <= this
+    drafter_lr: float = 3e-4
+    drafter_tokens: int = 8192  # tokens per packed drafter batch
+    drafter_min_steps: int = 0  # top the spot trainer up to this many steps per RL step (single process)
+    drafter_init: str = ""  # a drafter exported by `python drafter.py`
+    eval_every: int = 20
+    eval_prompts: int = 128
+    save_every: int = 20
+    seed: int = 0
+    resume: bool = False
+    bench: bool = False
+    cuda_graphs: bool = True
+    grad_checkpointing: bool = True
+
+
+TINY = dict(model="tiny", dataset="tiny", steps=20, prompts_per_step=16, group_size=8, max_new_tokens=256,
+            lr=1e-4, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3, drafter_tokens=2048,
+            drafter_min_steps=40, eval_every=5, eval_prompts=128, save_every=5, cuda_graphs=False,
+            grad_checkpointing=False)
+
+
+def parse_args(argv):
+    """`--key value` for any Config field (`--flag` alone sets a bool); a preset's values apply first."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    given, i = {}, 0
+    while i < len(argv):
+        key = argv[i].removeprefix("--").replace("-", "_")
+        if not argv[i].startswith("--") or key not in fields:
+            raise ValueError(f"unknown argument {argv[i]!r} (known: {', '.join('--' + k for k in fields)})")
+        typ = type(fields[key].default)
+        if typ is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            given[key], i = True, i + 1
+            continue
+        if i + 1 == len(argv):
+            raise ValueError(f"--{key} needs a value")
+        val = argv[i + 1]
+        if typ is bool:
+            if val.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+                raise ValueError(f"--{key} takes true/false, got {val!r}")
+            given[key] = val.lower() in ("1", "true", "on", "yes")
+        else:
+            try:
+                given[key] = typ(val)
+            except ValueError:
+                raise ValueError(f"--{key} takes a {typ.__name__}, got {val!r}") from None
+        i += 2
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "real" if torch.cuda.is_available() else "tiny"
+        why = "a CUDA device is available" if preset == "real" else "no CUDA device, so offline on the CPU"
+    elif preset in ("real", "tiny"):
+        why = "--preset"
+    else:
+        raise ValueError(f"unknown preset {preset!r} (choose auto, real or tiny)")
+    cfg = Config(**{**(TINY if preset == "tiny" else {}), **given, "preset": preset})
+    if cfg.sd not in ("on", "off"):
+        raise ValueError(f"--sd takes on or off, got {cfg.sd!r}")
+    return cfg, why
+
+
+# ---------------------------------------------------------------------------------------------------------
+# setup
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not torch.cuda.is_available():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # machines without a network interface
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce(x, op=None):  # a no-op in a single process
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def load_models(cfg, device):
+    """The policy (fp32 weights for the optimizer), its inference copy (bf16 on GPU) and the tokenizer."""
+    if cfg.model == "tiny":
+        cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
+        policy, tok, data_dir = nanotlt.tiny_preset(cache, device=device)
+        if cfg.dataset == "tiny":
+            cfg.dataset = os.path.join(data_dir, "train.jsonl")
+            cfg.eval_dataset = cfg.eval_dataset or os.path.join(data_dir, "test.jsonl")
+    else:
+        policy = nanotlt.Transformer.from_pretrained(cfg.model, device=device, dtype=torch.float32)
+        tok = nanotlt.load_tokenizer(cfg.model)
+    policy.grad_checkpointing = cfg.grad_checkpointing
+    infer = copy.deepcopy(policy).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    infer.requires_grad_(False)
+    return policy.train(), infer, tok
+
+
+def load_prompts(cfg, tok, source, split, max_prompt_len):
+    rows, bad = rl.load_rows(source, split)
+    for r in rows:
+        r["ids"] = rl.encode_prompt(tok, r["prompt"] + ("" if cfg.model == "tiny" else "\n" + rl.MATH_INSTRUCTION))
+    too_long = [len(r["ids"]) for r in rows if len(r["ids"]) > max_prompt_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} prompts of {source!r} are longer than the context allows "
+                         f"(longest {max(too_long)} tokens > {max_prompt_len} = context - max_new_tokens)")
+    return rows, bad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the RL step
+
+
+def step_prompts(rows, cfg, step, rank, world):
+    """This rank's prompts for a step: a seeded permutation per epoch, whole groups per rank."""
+    P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // world
+    epoch, pos = divmod(step * P, len(rows))
+    order = list(range(len(rows)))
+    random.Random(cfg.seed * 1000003 + epoch).shuffle(order)
+    idx = [order[(pos + i) % len(rows)] for i in range(P)]
+    return [(step * P + i, rows[idx[i]]) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False):
+    """Generate G samples per prompt. Returns outputs, the flat (global sample id, row) list and stats."""
+    G = 1 if greedy else cfg.group_size
+    samples = [(gid * G + g, row) for gid, row in rows for g in range(G)]
+    on_tail = on_finish = None
+    if trainer is not None:
+        on_tail = lambda: trainer.start(step, "tail")
+        on_finish = lambda i, tokens, hidden: trainer.buffer.add(step, tokens, hidden, len(samples[i][1]["ids"]))
+    outputs, stats = generate(infer, [r["ids"] for _, r in samples], cfg.max_new_tokens,
+                              0.0 if greedy else cfg.temperature, cfg.top_p, cfg.seed, tok.eos_token_id,
+                              drafter=drafter, sd_threshold=cfg.sd_threshold, bandit=bandit,
+                              seq_ids=[s for s, _ in samples], group_ids=[s // G for s, _ in samples],
+                              cuda_graphs=cfg.cuda_graphs, on_tail=on_tail, on_finish=on_finish, progress=progress)
+    return outputs, samples, stats
+
+
+def update(cfg, policy, opt, samples, outputs, adv, world, progress=False):
+    """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
+    response tokens, gradients summed across ranks. Returns the mean loss and a finite flag."""
+    eos = None
+    seqs = []  # (input ids, first response position, response length, advantage)
+    for (_, row), out, a in zip(samples, outputs, adv.tolist()):
+        seqs.append((row["ids"] + out, len(row["ids"]), len(out), a))
+    device = next(policy.parameters()).device
+    n_tokens = all_reduce(torch.tensor(float(sum(s[2] for s in seqs)), device=device))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    batches, cur = [], []
+    for i in order:  # token-budget micro-batches over length-sorted sequences: little padding
+        if cur and (len(cur) + 1) * len(seqs[i][0]) > cfg.micro_batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches.append(cur)
+    total, finite = torch.zeros((), device=device), torch.ones((), device=device)
+    for _ in range(cfg.updates_per_rollout):
+        old = {}
+        if cfg.updates_per_rollout > 1:  # the behaviour policy's log-probs, for the clipped ratio
+            with torch.no_grad():
+                old = {tuple(b): logprobs(policy, [seqs[i] for i in b], device)[0] for b in batches}
+        for b in (batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
+            logp, mask, a = logprobs(policy, [seqs[i] for i in b], device)
+            loss, _ = rl.policy_loss(logp, old.get(tuple(b), logp.detach()), a, mask, n_tokens)
+            loss.backward()
+            total += loss.detach()
+            finite *= torch.isfinite(loss.detach())
+        grads = [p.grad for p in policy.parameters() if p.grad is not None]
+        if world > 1:  # loss is already divided by the global token count: the sum is the batch mean
+            for g in grads:
+                dist.all_reduce(g)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total.item() / cfg.updates_per_rollout, bool(finite.item())
+
+
+def logprobs(policy, seqs, device):
+    T = max(len(s[0]) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T - 1)  # mask[b, t]: token t+1 is a response token
+    for b, (toks, start, n, _) in enumerate(seqs):
+        ids[b, :len(toks)] = torch.tensor(toks)
+        mask[b, start - 1:start - 1 + n] = 1
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        logp, _ = rl.token_logprobs(policy, ids.to(device))
+    return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
+
+
+@torch.no_grad()
+def copy_weights(src, dst):
+    for (name, p), q in zip(src.named_parameters(), dst.parameters()):
+        q.copy_(p)
+
+
+def evaluate(cfg, infer, tok, rows, drafter, rank, world, device):
+    """Greedy accuracy on held-out prompts, split across ranks."""
+    rows = rows[:cfg.eval_prompts]
+    mine = [(i, r) for i, r in enumerate(rows) if i % world == rank]
+    outs, samples, _ = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True)
+    correct = sum(rl.math_reward(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, (_, r) in zip(outs, samples))
+    return float(all_reduce(torch.tensor(float(correct), device=device))) / max(1, len(rows))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints: written by rank 0 into a temporary directory, then renamed, so a crash mid-save never leaves
+# a checkpoint that loads half; read back without unpickling arbitrary objects (safetensors, weights_only)
+
+
+def save_checkpoint(cfg, step, policy, opt, trainer, rank):
+    if rank == 0:
+        final = os.path.join(cfg.out, "ckpt", f"step_{step:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        nanotlt.save_pretrained(policy, os.path.join(tmp, "policy"))
+        if trainer is not None:
+            trainer.save(os.path.join(tmp, "drafter"))
+        torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": list(random.getstate()[1])}, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(cfg.out, "ckpt", "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(cfg.out, "ckpt", "latest.tmp"), os.path.join(cfg.out, "ckpt", "latest"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(cfg, policy, infer, opt, trainer):
+    """Restore the latest checkpoint; returns the step to continue from."""
+    latest = os.path.join(cfg.out, "ckpt", "latest")
+    if not os.path.exists(latest):
+        raise ValueError(f"--resume: no checkpoint in {cfg.out}/ckpt")
+    path = os.path.join(cfg.out, "ckpt", open(latest).read().strip())
+    from safetensors.torch import load_file
+    state = {k.removeprefix("model."): v for k, v in load_file(os.path.join(path, "policy", "model.safetensors")).items()}
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            p.copy_(state[name])
+    copy_weights(policy, infer)
+    if trainer is not None:
+        trainer.load(os.path.join(path, "drafter"))
+    s = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    opt.load_state_dict(s["optimizer"])
+    torch.set_rng_state(s["torch_rng"])
+    random.setstate((3, tuple(s["python_rng"]), None))
+    return s["step"] + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg, rank=0, world=1, log=print):
+    """Run cfg.steps RL steps. Returns the metrics of each step (with the rollout timelines of every rank),
+    the policy and the serving drafter."""
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    policy, infer, tok = load_models(cfg, device)
+    max_prompt = infer.args.max_seq_len - cfg.max_new_tokens
+    if max_prompt <= 0:
+        raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
+                         f"model's context of {infer.args.max_seq_len}")
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {world} ranks")
+    rows, bad = load_prompts(cfg, tok, cfg.dataset, "train", max_prompt)
+    eval_rows, _ = load_prompts(cfg, tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    drafter = trainer = bandit = None
+    if cfg.sd == "on":
+        drafter = Drafter.load(cfg.drafter_init, infer) if cfg.drafter_init else Drafter.from_target(infer)
+        trainer = SpotTrainer(drafter, lr=cfg.drafter_lr, max_tokens=cfg.drafter_tokens, seed=cfg.seed + rank)
+        bandit = Bandit(seed=cfg.seed)
+    start = load_checkpoint(cfg, policy, infer, opt, trainer) if cfg.resume else 0
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        log(f"{len(rows)} train prompts ({bad} bad rows skipped), {len(eval_rows)} eval prompts, "
+            f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, {world} rank(s)")
+        log("config " + json.dumps(dataclasses.asdict(cfg)))
+        kept = [l for l in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # on resume, drop what was logged after the checkpoint
+            f.writelines(l for l in kept if json.loads(l)["step"] < start)
+    history = []
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        outputs, samples, rs = rollout(cfg, infer, tok, step_prompts(rows, cfg, step, rank, world), drafter,
+                                       trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty())
+        rollout_end = time.perf_counter() - t0
+        if trainer is not None:
+            trainer.train_until_all_done()  # this rank is done: keep training until every rank is
+            trainer.top_up(step, cfg.drafter_min_steps)
+            trainer.stop()
+        idle_end = time.perf_counter() - t0
+        texts = [tok.decode(o, skip_special_tokens=True) for o in outputs]
+        rewards = torch.tensor([rl.math_reward(t, r["answer"]) for t, (_, r) in zip(texts, samples)])
+        adv = rl.group_advantages(rewards, cfg.group_size)
+        truncated = [o[-1] != tok.eos_token_id and len(o) >= cfg.max_new_tokens for o in outputs]
+        train_outputs = [o if not (cfg.mask_truncated and t) else [] for o, t in zip(outputs, truncated)]
+        loss, finite = update(cfg, policy, opt, samples, train_outputs, adv, world, rank == 0 and sys.stderr.isatty())
+        if not finite:
+            raise FloatingPointError(f"non-finite loss at step {step}: try a lower --lr")
+        copy_weights(policy, infer)
+        tstats = {}
+        if trainer is not None:
+            trainer.sync()  # average the training copies across ranks: the serving drafter for the next step
+            tstats = trainer.stats()
+        lens = [len(o) for o in outputs]
+        sums = all_reduce(torch.tensor([rewards.sum().item(), (rewards == 1).sum().item(), len(lens), sum(lens),
+                                        rs["sd_tokens"], rs["sd_rows"], tstats.get("tail_steps", 0),
+                                        tstats.get("idle_steps", 0), tstats.get("loss", 0.0), rs["tokens"],
+                                        tstats.get("topup_steps", 0)],
+                                       dtype=torch.float64, device=device))
+        maxs = all_reduce(torch.tensor([max(lens), rollout_end, rs["tail_s"], time.perf_counter() - t0],
+                                       dtype=torch.float64, device=device), dist.ReduceOp.MAX if world > 1 else None)
+        s, m = sums.tolist(), maxs.tolist()
+        rec = dict(step=step, reward_mean=s[0] / s[2], accuracy=s[1] / s[2], response_len_mean=s[3] / s[2],
+                   response_len_max=int(m[0]), rollout_s=m[1], step_s=time.perf_counter() - t0,
+                   sd_accept_len=s[4] / max(1, s[5]), sd_token_frac=s[4] / max(1, s[9]),
+                   drafter_train_steps=int(s[6] + s[7] + s[10]), drafter_tail_steps=int(s[6]),
+                   drafter_idle_steps=int(s[7]), drafter_topup_steps=int(s[10]),
+                   drafter_loss=s[8] / world, tail_s=m[2], loss=loss, tokens=int(s[9]),
+                   truncated=sum(truncated), arms={str(k): v for k, v in rs["arms"].items()})
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            rec["eval_accuracy"] = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device)
+        digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
+        timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
+                        idle_end=idle_end, digest=digest)
+        timelines = [None] * world
+        if world > 1:
+            dist.all_gather_object(timelines, timeline)
+        else:
+            timelines = [timeline]
+        history.append(dict(rec, timelines=timelines))
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(f"step {step:4d} | reward {rec['reward_mean']:.3f} | len {rec['response_len_mean']:6.1f} "
+                f"(max {rec['response_len_max']}) | rollout {rec['rollout_s']:6.2f}s tail {rec['tail_s']:5.2f}s | "
+                f"accept {rec['sd_accept_len']:.2f} | drafter {rec['drafter_train_steps']} steps loss "
+                f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
+                + (f" | eval acc {rec['eval_accuracy']:.3f}" if "eval_accuracy" in rec else ""))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(cfg, step, policy, opt, trainer, rank)
+    return history, policy, drafter
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --bench: the same steps with SD off and on, and the rollout timeline picture
+
+
+def plot_timeline(runs, path):
+    """Active rows over time on each rank for one step, SD off above SD on; shaded: SD on, drafter training."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None  # matplotlib is optional
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.6 * len(runs)), sharex=True, squeeze=False)
+    for ax, (name, timelines) in zip(axes[:, 0], runs.items()):
+        for rank, tl in enumerate(timelines):
+            t = [p[0] for p in tl["steps"]] + [tl["rollout_end"]]
+            rows = [p[1] for p in tl["steps"]]
+            ax.step(t[:-1] + [t[-1]], rows + [0], where="post", label=f"rank {rank} active rows")
+            sd = [(a[0], b[0]) for a, b in zip(tl["steps"], tl["steps"][1:] + [(tl["rollout_end"],)]) if a[2]]
+            for i, (a, b) in enumerate(sd):
+                ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0, label="SD on" if i == 0 and rank == 0 else None)
+            if tl["tail_start"] is not None and name.endswith("on"):
+                ax.axvspan(tl["tail_start"], tl["rollout_end"], ymin=0.9, color="tab:orange", alpha=0.6,
+                           label="drafter trains (tail)" if rank == 0 else None)
+                ax.axvspan(tl["rollout_end"], tl["idle_end"], ymin=0.9, color="tab:red", alpha=0.6,
+                           label="drafter trains (idle)" if rank == 0 else None)
+        ax.set_title(name)
+        ax.set_ylabel("active rows")
+        ax.legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("seconds into the rollout")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bench(cfg, rank, world, log):
+    runs = {}
+    for sd in ("off", "on"):
+        c = dataclasses.replace(cfg, sd=sd, out=os.path.join(cfg.out, f"bench_sd_{sd}"), save_every=0, eval_every=0,
+                                resume=False)
+        runs[sd] = train(c, rank, world, log=lambda msg, sd=sd: log(f"[sd {sd}] {msg}"))[0]
+    off, on = runs["off"], runs["on"]
+    rows = []
+    for a, b in zip(off, on):
+        rows.append(dict(step=a["step"], rollout_s_off=round(a["rollout_s"], 3), rollout_s_on=round(b["rollout_s"], 3),
+                         tail_s_off=round(a["tail_s"], 3), tail_s_on=round(b["tail_s"], 3), tokens=b["tokens"],
+                         accept_len=round(b["sd_accept_len"], 3), drafter_tail_steps=b["drafter_tail_steps"],
+                         drafter_idle_steps=b["drafter_idle_steps"], step_s_off=round(a["step_s"], 3),
+                         step_s_on=round(b["step_s"], 3)))
+    identical = all([t["digest"] for t in a["timelines"]] == [t["digest"] for t in b["timelines"]] for a, b in zip(off, on))
+    picture = None
+    if rank == 0:
+        # the step with the longest tail is the one that shows TLT at work
+        i = max(range(len(off)), key=lambda i: off[i]["tail_s"])
+        picture = plot_timeline({f"step {off[i]['step']}, SD off": off[i]["timelines"],
+                                 f"step {on[i]['step']}, SD on": on[i]["timelines"]},
+                                os.path.join(cfg.out, "timeline.png"))
+        for r in rows:
+            log(" | ".join(f"{k} {v}" for k, v in r.items()))
+    result = dict(rollout_speedup=sum(r["rollout_s"] for r in off) / sum(r["rollout_s"] for r in on),
+                  step_speedup=sum(r["step_s"] for r in off) / sum(r["step_s"] for r in on),
+                  accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=identical,
+                  tail_frac_off=sum(r["tail_s"] for r in off) / sum(r["rollout_s"] for r in off),
+                  steps=rows, timeline_png=picture,
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    return result
+
+
+def main(argv):
+    cfg, why = parse_args(argv)
+    rank, world = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"nanotlt: {cfg.preset} preset ({why})")
+    if cfg.bench:
+        result = bench(cfg, rank, world, log)
+        log(json.dumps(result))
+    else:
+        train(cfg, rank, world, log)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
