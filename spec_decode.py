@@ -5,7 +5,7 @@ a model-free n-gram drafter.
 
     python spec_decode.py --bench [--model NAME_OR_PATH] [--drafter PATH|ngram] [--batch 1,4,16,64]
 
-prints tokens/s of plain decoding against SD on the same prompts and seed; the last line is JSON.
+prints tokens/s of plain decoding and of SD on the same prompts and seed, per batch size; the last line is JSON.
 
 Per row the engine keeps, by cache slot: the tokens so far, the target's hidden states of the cached tokens
 (the drafter reads them), `lens` (tokens in the target's cache) and the *pending* token tokens[lens]: sampled,
@@ -14,12 +14,14 @@ root of a draft tree. Either way it commits c >= 1 tokens: the cache grows by c 
 """
 import argparse
 import json
+import os
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import kernels
 from nanotlt import Ctx
@@ -39,26 +41,26 @@ def mix32(x):  # a 32-bit integer hash kept in int64, so no product can overflow
 
 
 def gumbel(seed, seq_ids, steps, vocab):  # seq_ids [N], steps [N] -> [N, vocab] fp32
-    key = mix32(mix32(seq_ids + mix32(torch.full_like(seq_ids, seed))) ^ steps)
+    key = mix32(mix32((seq_ids & M32) + mix32(torch.full_like(seq_ids, seed & M32))) ^ (steps & M32))
     h = mix32(key[:, None] ^ torch.arange(vocab, device=seq_ids.device) * 0x9E3779B1 & M32)
     u = ((h >> 8).float() + 0.5) / 2 ** 24  # uniform in (0, 1)
     return -torch.log(-torch.log(u))
 
 
-def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0, chunk=1 << 22):
+def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0, chunk=1 << 24):
     """logits [B, T, V], seq_ids [B], steps [B, T] -> tokens [B, T]; chunked so [B*T, V] int64 noise stays small."""
     B, T, V = logits.shape
     if temperature == 0:
         return logits.argmax(-1)
     flat, ids, st = logits.reshape(B * T, V), seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1)
-    out = []
-    for i in range(0, B * T, max(1, chunk // V)):
-        x = flat[i:i + chunk // V].float() / temperature
+    out, n = [], max(1, chunk // V)
+    for i in range(0, B * T, n):
+        x = flat[i:i + n].float() / temperature
         if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
             probs, order = x.softmax(-1).sort(-1, descending=True)
             drop = (probs.cumsum(-1) - probs) >= top_p
             x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        out.append((x + gumbel(seed, ids[i:i + chunk // V], st[i:i + chunk // V], V)).argmax(-1))
+        out.append((x + gumbel(seed, ids[i:i + n], st[i:i + n], V)).argmax(-1))
     return torch.cat(out).view(B, T)
 
 
@@ -147,62 +149,69 @@ def verify_step(model, st, slots, tree: Tree, cfg):
     return new_tokens, count
 
 # ---------------------------------------------------------------------------------------------------------
-# Drafting. A drafter is either a model with hidden()/logits()/setup_cache() (EAGLE, drafter.py), drafted by
-# `eagle_draft` below, or an object with its own draft(st, slots, shape) -> Tree (the n-gram drafter).
+# Drafting: a learned drafter (any model with hidden()/logits()/setup_cache(), e.g. drafter.Drafter) through
+# `eagle_draft`, or the model-free `ngram_draft`. Both return a Tree rooted at the pending token.
 
 
 def ancestor_mask(parents, max_depth):  # parents [B, T] (-1 for the root) -> [B, T, T] ancestor-or-self
-    B, T = parents.shape
-    mask = torch.eye(T, dtype=torch.bool, device=parents.device).expand(B, T, T).clone()
-    anc, rows = parents.clone(), torch.arange(T, device=parents.device)
+    (B, T), dev = parents.shape, parents.device
+    mask = torch.eye(T, dtype=torch.bool, device=dev).expand(B, T, T).clone()
+    anc, b, rows = parents.clone(), torch.arange(B, device=dev)[:, None], torch.arange(T, device=dev)
     for _ in range(max_depth):  # max_depth hops up reach the root from any node
-        mask[:, rows, anc.clamp(min=0)] |= (anc >= 0)
+        mask[b, rows, anc.clamp(min=0)] |= anc >= 0  # row b's own nodes only (a bare `:` would mix rows)
         anc = torch.where(anc >= 0, parents.gather(1, anc.clamp(min=0)), anc)
     return mask
 
 
-def catch_up(drafter, st, slots, chunk=512):
-    """Run the drafter over the pairs (x_{t+1}, h_t) it has not seen, t in [draft_lens, lens): after a round
-    of SD those are the freshly committed tokens with the target's true hidden states. Returns the drafter's
-    prediction for the hidden state of the pending token [B, H]."""
-    lens, start = st.lens[slots], st.draft_lens[slots]
-    todo = int((lens - start).max())
+def catch_up(drafter, st, slots, todo=None, chunk=512):
+    """Run the drafter over the pairs (x_{t+1}, h_t), at position t, that it has not seen: t in [draft_lens, lens),
+    the freshly committed tokens with the target's true hidden states. Rows share one window of `todo` pairs
+    (the most any row lacks; the engine knows it on the host) right-aligned on their last pair, so a row that
+    lacks fewer recomputes a few pairs it has (same K/V) and no write lands past lens. Returns the drafter's
+    prediction of the pending token's hidden state [B, H]."""
+    lens = st.lens[slots]
+    todo = max(1, int((lens - st.draft_lens[slots]).max()) if todo is None else todo)
+    start = (lens - todo).clamp(min=0)  # a row shorter than the window starts at 0 and ends past lens - 1
     out = torch.empty(len(slots), st.hidden.shape[-1], device=slots.device, dtype=st.hidden.dtype)
     for c0 in range(0, todo, chunk):
-        T = min(chunk, todo - c0)
-        t = (start[:, None] + c0 + torch.arange(T, device=slots.device)).clamp(max=st.tokens.shape[1] - 2)
-        ctx = Ctx(slots=slots, cache_lens=start + c0)
-        h = drafter.hidden(st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t, ctx)  # [B, T, H]
+        t = start[:, None] + c0 + torch.arange(min(chunk, todo - c0), device=slots.device)  # [B, T] positions
+        h = drafter.hidden(st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t,
+                           Ctx(slots=slots, cache_lens=start + c0))  # [B, T, H]
         last = lens - 1 - start - c0  # index of the pending token's pair in this chunk
-        here = (last >= 0) & (last < T)
+        here = (last >= 0) & (last < t.shape[1])
         out[here] = h[here, last[here]].to(out.dtype)
     st.draft_lens[slots] = lens
     return out
 
 
-def eagle_draft(drafter, st, slots, depth, topk, n_verify):
+def eager(name, fn, slots, *args):  # the GraphPool interface without graphs
+    return fn(slots, *args)
+
+
+def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=None):
     """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
     the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
-    exceeds its parent's, so the kept nodes form a tree."""
+    exceeds its parent's (shallower wins ties), so the kept nodes form a tree. The per-depth drafter step runs
+    through `graphs` (captured per batch bucket, top-k and number of beams); the catch-up stays eager."""
     B, k, dev = len(slots), topk, slots.device
     lens = st.lens[slots]
-    root_h = catch_up(drafter, st, slots)  # [B, H] predicted hidden state of the pending token
-    logp = torch.log_softmax(drafter.logits(root_h).float(), -1)  # [B, V]
-    score, tok = logp.topk(k, -1)  # [B, k] the depth-1 candidates, which are also the first beams
+    root_h = catch_up(drafter, st, slots, todo)  # [B, H] predicted hidden state of the pending token
+    score, tok = torch.log_softmax(drafter.logits(root_h).float(), -1).topk(k, -1)  # [B, k] depth-1 nodes = beams
     cand_tok, cand_score, cand_parent, cand_depth = [tok], [score], [torch.full_like(tok, -1)], [torch.ones_like(tok)]
     beam_idx = torch.arange(k, device=dev).expand(B, k)  # candidate index of each current beam
     beam_tok, beam_in_h = tok, root_h[:, None].expand(B, k, -1)  # drafter inputs of all beams so far
     beam_mask = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # ancestor-or-self among them
+
+    def step(slots, lens, tok, h_in, pos, mask):  # rerun every beam so far: each sees the cache and its ancestors
+        h = drafter.hidden(tok, h_in, pos, Ctx(slots=slots, cache_lens=lens, tree_mask=mask))[:, -k:]
+        return (h, *torch.log_softmax(drafter.logits(h).float(), -1).topk(k, -1))  # the current beams' children
+
     for d in range(1, depth):
-        # rerun the drafter over every beam so far (a few dozen tokens): each sees the cache and its ancestors
         n = beam_tok.shape[1]
         pos = lens[:, None] + torch.arange(n, device=dev) // k  # [B, n]: depth-j beams sit at lens + j - 1
-        h = drafter.hidden(beam_tok, beam_in_h, pos, Ctx(slots=slots, cache_lens=lens, tree_mask=beam_mask))
-        h_last = h[:, -k:]  # [B, k, H] the current beams' predictions
-        lp = torch.log_softmax(drafter.logits(h_last).float(), -1)  # [B, k, V]
-        child_score, child_tok = lp.topk(k, -1)  # [B, k, k]
-        child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k]
-        child_tok = child_tok.flatten(1)
+        h_last, child_score, child_tok = graphs(f"draft{k}", step, slots, lens, beam_tok, beam_in_h, pos, beam_mask)
+        child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k] cumulative log-probs
+        child_tok = child_tok.flatten(1).clone()  # graph outputs are overwritten by the next replay
         child_parent = beam_idx[:, :, None].expand(B, k, k).flatten(1)
         base = sum(t.shape[1] for t in cand_tok)
         cand_tok.append(child_tok), cand_score.append(child_score), cand_parent.append(child_parent)
@@ -211,11 +220,12 @@ def eagle_draft(drafter, st, slots, depth, topk, n_verify):
         beam_idx = base + best
         parent_local = n - k + best // k  # beam index (in the beam list) of each new beam's parent
         beam_tok = torch.cat([beam_tok, child_tok.gather(1, best)], 1)
-        beam_in_h = torch.cat([beam_in_h, h_last.gather(1, (best // k)[..., None].expand(-1, -1, h.shape[-1]))], 1)
+        beam_in_h = torch.cat([beam_in_h, h_last.gather(1, (best // k)[..., None].expand(-1, -1, h_last.shape[-1]))], 1)
         rows = beam_mask.gather(1, parent_local[..., None].expand(-1, -1, n))  # new beams inherit parent ancestry
         beam_mask = torch.cat([torch.cat([beam_mask, torch.zeros(B, n, k, dtype=torch.bool, device=dev)], 2),
                                torch.cat([rows, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)], 1)
     tok, score, parent, dep = (torch.cat(x, 1) for x in (cand_tok, cand_score, cand_parent, cand_depth))
+    n_verify = min(n_verify, tok.shape[1] + 1)
     keep = (score - 1e-4 * dep).topk(n_verify - 1, -1).indices.sort(-1).values  # parents before children
     local = torch.full_like(tok, -1).scatter_(1, keep, torch.arange(1, n_verify, device=dev).expand(B, -1))
     par = parent.gather(1, keep)
@@ -227,37 +237,34 @@ def eagle_draft(drafter, st, slots, depth, topk, n_verify):
                 ancestor_mask(parents, depth), depth)
 
 
-class NgramDrafter:
+def ngram_draft(st, slots, depth, n_max=3):
     """Model-free drafts: find the latest earlier occurrence of the last n tokens in the row's own sequence or
     in its GRPO siblings (same prompt, responses that often repeat each other) and propose what followed it,
-    as a chain. Backs off from n to 1."""
-
-    def __init__(self, n=3):
-        self.n = n
-
-    def draft(self, st, slots, depth, topk=1, n_verify=None):
-        B, dev = len(slots), slots.device
-        ends = st.lens[slots] + 1  # sequence length including the pending token
-        members = st.group_slots[st.groups[slots]]  # [B, G] slots of each row's group (padded with -1)
-        seqs = st.tokens[members.clamp(min=0)]  # [B, G, L]
-        member_ends = torch.where(members >= 0, st.lens[members.clamp(min=0)] + 1, 0)  # [B, G]
-        best_g = torch.zeros(B, dtype=torch.long, device=dev)  # which member holds the chosen match
-        best_p = torch.full((B,), -1, dtype=torch.long, device=dev)  # where its continuation starts
-        for n in range(self.n, 0, -1):
-            query = st.tokens[slots[:, None], (ends[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)]
-            hit = (seqs.unfold(2, n, 1) == query[:, None, None]).all(-1)  # [B, G, L-n+1]
-            p = torch.arange(hit.shape[2], device=dev)
-            hit &= p + n < member_ends[..., None]  # something follows (which also rules out the query itself)
-            val, arg = torch.where(hit, p + n, -1).flatten(1).max(1)  # the latest continuation
-            take = (best_p < 0) & (val >= 0)
-            best_g = torch.where(take, arg // hit.shape[2], best_g)
-            best_p = torch.where(take, val, best_p)
-        idx = (best_p.clamp(min=0)[:, None] + torch.arange(depth, device=dev)).clamp(max=seqs.shape[2] - 1)
-        chain = seqs[torch.arange(B, device=dev)[:, None], best_g[:, None], idx]  # [B, depth]
-        pending = st.tokens[slots, st.lens[slots]][:, None]
-        T = depth + 1
-        ar = torch.arange(T, device=dev).expand(B, T)
-        return Tree(torch.cat([pending, chain], 1), ar - 1, ar, None, depth)
+    as a chain (past the end of what is known it repeats the span, which continues periodic text). Backs off
+    from n_max to 1."""
+    B, dev = len(slots), slots.device
+    ends = st.lens[slots] + 1  # sequence length including the pending token
+    members = st.group_slots[st.groups[slots]]  # [B, G] slots of each row's group (padded with -1)
+    seqs = st.tokens[members.clamp(min=0)]  # [B, G, L]
+    member_ends = torch.where(members >= 0, st.lens[members.clamp(min=0)] + 1, 0)  # [B, G]
+    best_g = torch.zeros(B, dtype=torch.long, device=dev)  # which member holds the chosen match
+    best_p = torch.full((B,), -1, dtype=torch.long, device=dev)  # where its continuation starts
+    for n in range(n_max, 0, -1):
+        query = st.tokens[slots[:, None], (ends[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)]
+        hit = (seqs.unfold(2, n, 1) == query[:, None, None]).all(-1)  # [B, G, L-n+1]
+        p = torch.arange(hit.shape[2], device=dev)
+        hit &= p + n < member_ends[..., None]  # something follows (which also rules out the query itself)
+        val, arg = torch.where(hit, p + n, -1).flatten(1).max(1)  # the latest continuation
+        take = (best_p < 0) & (val >= 0) & (ends >= n)  # a row shorter than n has no n-gram to look up
+        best_g = torch.where(take, arg // hit.shape[2], best_g)
+        best_p = torch.where(take, val, best_p)
+    span = (member_ends.gather(1, best_g[:, None]) - best_p[:, None]).clamp(min=1)  # known tokens after the match
+    idx = (best_p.clamp(min=0)[:, None] + torch.arange(depth, device=dev) % span).clamp(max=seqs.shape[2] - 1)
+    chain = seqs[torch.arange(B, device=dev)[:, None], best_g[:, None], idx]  # [B, depth]
+    pending = st.tokens[slots, st.lens[slots]][:, None]
+    T = depth + 1
+    ar = torch.arange(T, device=dev).expand(B, T)
+    return Tree(torch.cat([pending, chain], 1), ar - 1, ar, None, depth)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,7 +300,8 @@ class Bandit:
 
     def choose(self, rows):
         b = bucket(rows)
-        ok = [a for a in self.arms if a.verify_tokens * b <= self.budget] or [min(self.arms, key=lambda a: a.verify_tokens)]
+        ok = [a for a in self.arms if a.verify_tokens * b <= self.budget]
+        ok = ok or [min(self.arms, key=lambda a: a.verify_tokens)]  # the memory guard keeps at least one arm
         untried = [a for a in ok if not self.rewards.get((b, a))]
         if untried:
             return untried[0]
@@ -320,37 +328,51 @@ class Bandit:
 
 
 class GraphPool:
-    def __init__(self, enabled, dummy_slot):
-        self.enabled, self.dummy_slot = enabled and torch.cuda.is_available(), dummy_slot
+    """Graphs hold raw addresses: a pool serves one signature (the model's and drafter's weights and caches) and
+    is rebuilt when it changes. Padding rows point at `dummy_slot`, a cache slot that no row owns."""
+
+    def __init__(self, enabled, dummy_slot, sig=None):
+        self.enabled, self.dummy_slot, self.sig = enabled and torch.cuda.is_available(), dummy_slot, sig
         self.graphs, self.pool, self.bytes = {}, None, 0
 
-    def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors with rows first
-        if not self.enabled:
+    def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors, rows first
+        B = len(slots)
+        if not self.enabled or B > BUCKETS[-1]:
             return fn(slots, *args)
-        B, Bp = len(slots), bucket(len(slots))
-        key = (name, Bp) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
+        key = (name, bucket(B)) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
         if key not in self.graphs:
-            static = [torch.full((Bp,), self.dummy_slot, dtype=slots.dtype, device=slots.device)]
-            static += [None if a is None else a[:1].expand(Bp, *a.shape[1:]).clone() for a in args]
-            static[0][:B] = slots
-            before = torch.cuda.memory_reserved()
-            side = torch.cuda.Stream()
+            static = [None if a is None else a[:1].expand(bucket(B), *a.shape[1:]).clone() for a in (slots,) + args]
+            static[0].fill_(self.dummy_slot)  # the warm-up writes the dummy slot only
+            before, side = torch.cuda.memory_reserved(), torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up (allocator, Triton autotune) outside the capture
+            with torch.cuda.stream(side):  # warm up (allocator, Triton compilation) outside the capture
                 fn(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = fn(*static)
-            self.pool = self.pool or graph.pool()
-            self.bytes += torch.cuda.memory_reserved() - before
+            self.pool, self.bytes = self.pool or graph.pool(), self.bytes + torch.cuda.memory_reserved() - before
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
+        static[0].fill_(self.dummy_slot)  # rows past B keep stale inputs, but must never write a live slot
         for s, a in zip(static, (slots,) + args):
             if a is not None:
                 s[:B].copy_(a)
         graph.replay()
-        return tuple(o[:B] for o in out)
+        return tuple(o[:B] for o in out)  # views of the graph's outputs: valid until the pool's next replay
+
+
+def graph_pool(model, drafter, enabled):
+    """The model's pool, rebuilt when the model's weights or cache moved; the drafter's graphs are dropped when
+    the drafter's did (another drafter object, a regrown cache). In-place weight updates keep every graph."""
+    sig = lambda m: tuple(t.data_ptr() for t in (*m.parameters(), *m.buffers(), m.k_cache, m.v_cache))
+    if getattr(model, "graph_pool", None) is None or model.graph_pool.sig != (enabled, sig(model)):
+        model.graph_pool = GraphPool(enabled, model.k_cache.shape[1] - 1, (enabled, sig(model)))
+    pool = model.graph_pool
+    if drafter is not None and getattr(pool, "draft_sig", None) != sig(drafter):
+        pool.graphs = {k: g for k, g in pool.graphs.items() if not k[0].startswith("draft")}
+        pool.draft_sig = sig(drafter)
+    return pool
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,23 +392,42 @@ def ensure_cache(module, n_slots, max_len):
     k = getattr(module, "k_cache", None)
     if k is None or k.shape[1] < n_slots or k.shape[3] < max_len:
         module.setup_cache(n_slots, max_len)
-        module.graph_pool = None
 
 
-def prefill(model, st, slots, prompts, cfg, chunk=512):
-    """Run the right-padded prompts through the target in chunks of positions; pad positions write K/V past
-    each row's length, which is never read and later overwritten. Returns the first sampled tokens [N]."""
-    P = max(len(p) for p in prompts)
-    plen = st.prompt_lens[slots]
+def make_state(prompts, L, dev, hidden_dim=None, dtype=torch.float32, seq_ids=None, group_ids=None):
+    """The engine's state for N prompts in slots 0..N-1 plus a spare slot (never a row's: the graphs' dummy)."""
+    N = len(prompts)
+    _, groups = torch.tensor(group_ids if group_ids is not None else range(N)).unique(return_inverse=True)
+    group_slots = torch.full((int(groups.max()) + 1, int(torch.bincount(groups).max())), -1, dtype=torch.long)
+    for i, g in enumerate(groups.tolist()):  # once per call, tiny
+        group_slots[g, int((group_slots[g] >= 0).sum())] = i
+    tokens = torch.zeros(N + 1, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    z = lambda: torch.zeros(N + 1, dtype=torch.long, device=dev)
+    return State(tokens=tokens.to(dev), hidden=None if hidden_dim is None else
+                 torch.zeros(N + 1, L, hidden_dim, device=dev, dtype=dtype), lens=z(), draft_lens=z(), n_gen=z(),
+                 seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
+                 groups=torch.cat([groups, groups[:1]]).to(dev), group_slots=group_slots.to(dev),
+                 prompt_lens=torch.tensor([len(p) for p in prompts] + [1], device=dev))
+
+
+def prefill(model, st, slots, prompts, cfg, chunk=512, max_tokens=1 << 15):
+    """Run the right-padded prompts through the target, in blocks of rows and chunks of positions of about
+    max_tokens tokens; pad positions write K/V past each row's length, never read and later overwritten.
+    Samples and returns the first new token of every row [N]."""
     last_h = torch.empty(len(prompts), model.args.dim, device=slots.device, dtype=model.embed_tokens.weight.dtype)
-    for c0 in range(0, P, chunk):
-        ids = st.tokens[slots, c0:min(P, c0 + chunk)]  # [N, T]
-        T = ids.shape[1]
-        h = model.hidden(ids, ctx=Ctx(slots=slots, cache_lens=torch.full_like(slots, c0)))  # [N, T, H]
-        if st.hidden is not None:
-            st.hidden[slots, c0:c0 + T] = h.to(st.hidden.dtype)
-        here = (plen - 1 >= c0) & (plen - 1 < c0 + T)
-        last_h[here] = h[here, (plen - 1 - c0)[here]]
+    rows = max(1, max_tokens // min(chunk, max(map(len, prompts))))
+    for r0 in range(0, len(prompts), rows):
+        s, P = slots[r0:r0 + rows], max(len(p) for p in prompts[r0:r0 + rows])
+        plen = st.prompt_lens[s]
+        for c0 in range(0, P, chunk):
+            h = model.hidden(st.tokens[s, c0:min(P, c0 + chunk)], ctx=Ctx(slots=s, cache_lens=torch.full_like(s, c0)))
+            if st.hidden is not None:
+                st.hidden[s, c0:c0 + h.shape[1]] = h.to(st.hidden.dtype)
+            here = (plen - 1 >= c0) & (plen - 1 < c0 + h.shape[1])
+            last_h[r0:r0 + rows][here] = h[here, (plen - 1 - c0)[here]]
+    plen = st.prompt_lens[slots]
     first = sample(model.logits(last_h[:, None]), st.seq_ids[slots], torch.zeros_like(slots)[:, None],
                    cfg.temperature, cfg.top_p, cfg.seed)[:, 0]
     st.tokens[slots, plen] = first
@@ -399,64 +440,37 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
              group_ids=None, cuda_graphs=False, on_tail=None, on_finish=None, progress=False):
     """Generate for a list of token-id prompts. Returns (outputs: list of new-token lists, eos included when
     produced; stats). `drafter`: None (plain decoding), "ngram", or a drafter model (drafter.Drafter); SD runs
-    only while the active rows are <= sd_threshold. A fixed (draft_depth, draft_topk, verify_tokens) disables
-    the bandit. `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell the n-gram
-    drafter which rows are GRPO siblings. `on_tail()` is called once when the tail starts, `on_finish(i,
-    tokens, hidden)` when row i ends (tokens: prompt + output; hidden: the target's hidden states of all but
-    the last token, or None)."""
-    dev, N = model.inv_freq.device, len(prompts)
-    V = model.args.vocab_size
-    for p in prompts:
-        if not p or min(p) < 0 or max(p) >= V:
-            raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V}), got {p[:8]}...")
-    learned = drafter is not None and drafter != "ngram"
-    ngram = NgramDrafter() if drafter is not None else None
+    only while the active rows are <= sd_threshold. A fixed draft_depth (with draft_topk, verify_tokens) gives
+    the bandit a single arm. `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell
+    the n-gram drafter which rows are GRPO siblings. `cuda_graphs` (CUDA only) replays captured steps.
+    `on_tail()` is called once when the tail starts, `on_finish(i, tokens, hidden)` when row i ends (tokens:
+    prompt + output; hidden: the target's hidden states of all but the last token, or None)."""
+    dev, N, V = model.inv_freq.device, len(prompts), model.args.vocab_size
+    if not all(p and 0 <= min(p) and max(p) < V for p in prompts):
+        raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V})")
+    learned = drafter is not None and not isinstance(drafter, str)
     if draft_depth is not None:
-        kind = "model" if learned else "ngram"
-        topk = draft_topk or 1
-        arms = [Arm(kind, draft_depth, topk, verify_tokens or draft_depth + 1)]
+        arms = [Arm("model" if learned else "ngram", draft_depth, draft_topk or 1, verify_tokens or draft_depth + 1)]
     else:
         arms = [a for a in DEFAULT_ARMS if learned or a.drafter == "ngram"]
     bandit = bandit or Bandit(arms, seed=seed)
-    slack = max([a.verify_tokens + a.depth * a.topk for a in bandit.arms] + [1]) + 2
-    S, L = N + 1, max(len(p) for p in prompts) + max_new_tokens + slack  # one extra slot: the graphs' dummy
-    ensure_cache(model, S, L)
-    if learned:
-        ensure_cache(drafter, S, L)
-    model.graph_pool = getattr(model, "graph_pool", None) or GraphPool(cuda_graphs, model.k_cache.shape[1] - 1)
-    cfg = Run(temperature, top_p, seed, model.graph_pool)
-
-    groups = torch.tensor(group_ids if group_ids is not None else range(N), device=dev)
-    _, groups = groups.unique(return_inverse=True)
-    G = int(torch.bincount(groups).max())
-    group_slots = torch.full((int(groups.max()) + 1, G), -1, dtype=torch.long, device=dev)
-    for i, g in enumerate(groups.tolist()):  # once per call, tiny
-        group_slots[g, int((group_slots[g] >= 0).sum())] = i
-    st = State(tokens=torch.zeros(S, L, dtype=torch.long, device=dev),
-               hidden=torch.zeros(S, L, model.args.dim, device=dev, dtype=model.embed_tokens.weight.dtype)
-               if learned or on_finish else None,
-               lens=torch.zeros(S, dtype=torch.long, device=dev), draft_lens=torch.zeros(S, dtype=torch.long, device=dev),
-               n_gen=torch.zeros(S, dtype=torch.long, device=dev),
-               seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
-               groups=torch.cat([groups, groups[:1]]), group_slots=group_slots,
-               prompt_lens=torch.tensor([len(p) for p in prompts] + [1], device=dev))
-    for i, p in enumerate(prompts):
-        st.tokens[i, :len(p)] = torch.tensor(p)
-    stats = dict(tokens=0, target_forwards=0, verify_steps=0, sd_rows=0, sd_tokens=0, tail_s=0.0, timeline=[])
+    slack = max(a.verify_tokens + a.depth * a.topk for a in bandit.arms) + 2  # what one step may write past lens
+    L = max(len(p) for p in prompts) + max_new_tokens + slack
+    ensure_cache(model, N + 1, L)  # one spare slot: the graphs' dummy
+    if learned:  # as many slots as the target's cache, so the dummy slot is valid in both
+        ensure_cache(drafter, model.k_cache.shape[1], model.k_cache.shape[3])
+    cfg = Run(temperature, top_p, seed, graph_pool(model, drafter if learned else None, cuda_graphs))
+    st = make_state(prompts, L, dev, model.args.dim if learned or on_finish else None, model.embed_tokens.weight.dtype,
+                    seq_ids, group_ids)
+    stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0, timeline=[])
+    bar = tqdm(total=N, desc="rollout", leave=False, disable=not progress)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        all_slots = torch.arange(N, device=dev)
-        first = prefill(model, st, all_slots, prompts, cfg).tolist()
-        stats["target_forwards"] += 1
-        outputs, active, tail_started = [[t] for t in first], [], False
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=N, desc="rollout", leave=False)
+        first = prefill(model, st, torch.arange(N, device=dev), prompts, cfg).tolist()
+        outputs, active, lag = [[t] for t in first], [], [len(p) for p in prompts]  # lag: lens - draft_lens, on host
 
         def finish(i):
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if on_finish is not None:
                 n = len(prompts[i]) + len(outputs[i])
                 on_finish(i, st.tokens[i, :n].clone(), None if st.hidden is None else st.hidden[i, :n - 1].clone())
@@ -467,46 +481,122 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
             B, step_t0 = len(active), time.perf_counter()
             slots = torch.tensor(active, device=dev)
             use_sd = drafter is not None and B <= sd_threshold
-            if B <= sd_threshold and not tail_started:
-                tail_started, stats["tail_start_s"] = True, step_t0 - t0
+            if B <= sd_threshold and stats["tail_start_s"] is None:
+                stats["tail_start_s"] = step_t0 - t0
                 if on_tail is not None:
                     on_tail()
             if use_sd:
                 arm = bandit.choose(B)
-                if arm.drafter == "model":
-                    tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens)
+                if arm.drafter == "model" and learned:
+                    tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs,
+                                       todo=max(lag[i] for i in active))
+                    for i in active:
+                        lag[i] = 0
                 else:
-                    tree = ngram.draft(st, slots, arm.depth)
+                    tree = ngram_draft(st, slots, arm.depth)
                 new, count = verify_step(model, st, slots, tree, cfg)
             else:
                 new, count = decode_step(model, st, slots, cfg)
             new, count = new.tolist(), count.tolist()  # the step's one host sync
-            dt = time.perf_counter() - step_t0
+            still, gained = [], 0
+            for b, i in enumerate(active):
+                lag[i] += count[b]
+                for t in new[b][:count[b]]:  # tokens past eos or the limit are dropped
+                    outputs[i].append(t)
+                    gained += 1
+                    if t == eos_id or len(outputs[i]) >= max_new_tokens:
+                        break
+                (finish(i) if outputs[i][-1] == eos_id or len(outputs[i]) >= max_new_tokens else still.append(i))
+            active, dt = still, time.perf_counter() - step_t0
             if use_sd:
-                bandit.update(B, arm, sum(count) / dt)
-                stats["verify_steps"] += 1
-                stats["sd_rows"] += B
-                stats["sd_tokens"] += sum(count)
-            if tail_started:
-                stats["tail_s"] += dt
+                bandit.update(B, arm, gained / dt)
+                stats.update(verify_steps=stats["verify_steps"] + 1, sd_rows=stats["sd_rows"] + B,
+                             sd_tokens=stats["sd_tokens"] + gained)
+            stats["tail_s"] += dt if stats["tail_start_s"] is not None else 0.0
             stats["target_forwards"] += 1
             stats["timeline"].append((round(step_t0 - t0, 5), B, use_sd))
-            still = []
-            for b, i in enumerate(active):
-                done = False
-                for t in new[b][:count[b]]:
-                    outputs[i].append(t)
-                    if t == eos_id or len(outputs[i]) >= max_new_tokens:
-                        done = True
-                        break
-                (finish(i) if done else still.append(i))
-            active = still
-        if bar is not None:
-            bar.close()
-    stats["seconds"] = time.perf_counter() - t0
-    stats["tokens"] = sum(len(o) for o in outputs)
-    stats["accept_len"] = stats["sd_tokens"] / max(1, stats["sd_rows"])  # tokens per row per verify
-    stats["tokens_per_s"] = stats["tokens"] / stats["seconds"]
-    stats["arms"] = bandit.best()
-    stats["graph_pool_mb"] = cfg.graphs.bytes / 2 ** 20
-    return outputs, stats
+    bar.close()
+    seconds, tokens = time.perf_counter() - t0, sum(len(o) for o in outputs)
+    return outputs, dict(stats, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, arms=bandit.best(),
+                         accept_len=stats["sd_tokens"] / max(1, stats["sd_rows"]),  # tokens per row per verify step
+                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark: plain decoding against SD on the same prompts and seed, per batch size
+
+
+def tiny_drafter(model, prompts, eos_id, path, steps=100, max_new=128):
+    """A drafter for the CPU bench and tests: trained briefly with drafter.py's trainer on the target's own
+    rollouts of `prompts`, exported to the directory `path`, and loaded from there the next time."""
+    import drafter as D
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return D.Drafter.load(path, model).eval()
+    trainer = D.SpotTrainer(D.Drafter.from_target(model), lr=3e-3, max_tokens=2048)
+    for tokens, hidden, n_prompt in D.self_generated(model, prompts, max_new, eos_id, seed=0):
+        trainer.buffer.add(0, tokens, hidden, n_prompt)
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.sync()  # the trained weights into the serving drafter
+    D.export(trainer.serving, path)
+    return trainer.serving.eval()
+
+
+def bench():
+    import drafter as D
+    import nanotlt
+    import rl
+    ap = argparse.ArgumentParser(description="plain decoding vs speculative decoding, same prompts and seed")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint (dir or hub id); default: the tiny preset")
+    ap.add_argument("--drafter", help="drafter.py export dir (or .safetensors) or 'ngram'; default: a drafter "
+                                      "trained briefly for the tiny preset, n-gram with --model")
+    ap.add_argument("--batch", help="batch sizes (default 1,4,16,32,64 on CUDA, 1,4,16,64 on CPU)")
+    ap.add_argument("--new_tokens", type=int, help="default 512 on CUDA, 128 on CPU")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--no_graphs", action="store_true", help="CUDA: eager instead of CUDA graphs")
+    args, cuda = ap.parse_args(), torch.cuda.is_available()
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # tiny shapes gain nothing from threads, and on a
+        torch.set_num_threads(1)  # busy machine several threads make timings erratic (up to 100x slower)
+    cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
+    if args.model:
+        model = nanotlt.Transformer.from_pretrained(args.model, "cuda" if cuda else "cpu",
+                                                    torch.bfloat16 if cuda else torch.float32)
+        tok = nanotlt.load_tokenizer(args.model)
+        prompts = [rl.encode_prompt(tok, p) for p in D.GENERIC_PROMPTS]
+    else:
+        model, tok, data_dir = nanotlt.tiny_preset(cache, "cuda" if cuda else "cpu")
+        prompts = [tok.encode(json.loads(line)["prompt"]) for line in open(os.path.join(data_dir, "test.jsonl"))]
+    drafter = args.drafter or ("ngram" if args.model else os.path.join(cache, "tiny_bench_drafter"))
+    if drafter != "ngram":  # the tiny preset's drafter is trained once (~1 min on 2 cores), then loaded
+        drafter = D.Drafter.load(drafter, model).eval() if args.drafter else \
+            tiny_drafter(model, prompts[-64:], tok.eos_token_id, drafter, steps=200)
+    learned, rows, new_tokens = drafter != "ngram", [], args.new_tokens or (512 if cuda else 128)
+    name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{name}: {args.model or 'tiny preset'}, {'learned' if learned else 'n-gram'} drafter, "
+          f"temperature {args.temperature}, top_p {args.top_p}, {new_tokens} new tokens")
+    for b in map(int, (args.batch or ("1,4,16,32,64" if cuda else "1,4,16,64")).split(",")):
+        ps = [prompts[i % len(prompts)] for i in range(b)]
+        kw = dict(temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_token_id,
+                  cuda_graphs=not args.no_graphs)
+        sd_kw = dict(kw, drafter=drafter, sd_threshold=b,
+                     bandit=Bandit([a for a in DEFAULT_ARMS if learned or a.drafter == "ngram"]))
+        generate(model, ps, new_tokens, **kw)  # warm-up: allocator, kernels compiled, graphs captured
+        generate(model, ps, new_tokens, **sd_kw)  # warm-up; the bandit explores and keeps what it learnt
+        best = {}  # best of 3: a busy machine only ever slows a run down
+        for mode, opts in (("plain", kw), ("sd", sd_kw)):
+            runs = [generate(model, ps, new_tokens, **opts) for _ in range(3)]
+            best[mode] = runs[-1][0], min(r[1]["seconds"] for r in runs), runs[-1][1]
+        (out_p, t_p, sp), (out_s, t_s, ss) = best["plain"], best["sd"]
+        rows.append(dict(batch=b, tokens=sp["tokens"], plain_tok_s=round(sp["tokens"] / t_p, 1),
+                         sd_tok_s=round(ss["tokens"] / t_s, 1), speedup=round(t_p / t_s, 3),
+                         accept_len=round(ss["accept_len"], 3), identical=out_p == out_s, arms=ss["arms"],
+                         graph_pool_mb=round(ss["graph_pool_mb"], 1)))
+        print(" | ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arms"))
+    print(json.dumps(dict(device=name, model=args.model or "tiny", drafter="learned" if learned else "ngram",
+                          temperature=args.temperature, top_p=args.top_p, new_tokens=new_tokens, results=rows)))
+
+
+if __name__ == "__main__":
+    bench()
