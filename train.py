@@ -56,6 +56,7 @@ class Config:
     drafter_lr: float = 3e-4
     drafter_tokens: int = 8192  # tokens per packed drafter batch
     drafter_min_steps: int = 0  # top the spot trainer up to this many steps per RL step (single process)
+    tail_training: bool = True  # train the drafter during the tail; off where nothing idles (2 CPU cores)
     drafter_init: str = ""  # a drafter exported by `python drafter.py`
     eval_every: int = 20
     eval_prompts: int = 128
@@ -69,7 +70,7 @@ class Config:
 
 TINY = dict(model="tiny", dataset="tiny", steps=20, prompts_per_step=16, group_size=8, max_new_tokens=256,
             lr=1e-4, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3, drafter_tokens=2048,
-            drafter_min_steps=40, eval_every=5, eval_prompts=128, save_every=5, cuda_graphs=False,
+            drafter_min_steps=40, tail_training=False, eval_every=5, eval_prompts=128, save_every=5, cuda_graphs=False,
             grad_checkpointing=False)
 
 
@@ -181,7 +182,7 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
     samples = [(gid * G + g, row) for gid, row in rows for g in range(G)]
     on_tail = on_finish = None
     if trainer is not None:
-        on_tail = lambda: trainer.start(step, "tail")
+        on_tail = (lambda: trainer.start(step, "tail")) if cfg.tail_training else None
         on_finish = lambda i, tokens, hidden: trainer.buffer.add(step, tokens, hidden, len(samples[i][1]["ids"]))
     outputs, stats = generate(infer, [r["ids"] for _, r in samples], cfg.max_new_tokens,
                               0.0 if greedy else cfg.temperature, cfg.top_p, cfg.seed, tok.eos_token_id,

@@ -1,0 +1,1214 @@
+"""Tests for nanotlt: the Triton kernels (kernels.py, in the Triton interpreter), the model and the rollout engine
+(nanotlt.py, spec_decode.py: logits against transformers, exact sampling, lossless speculative decoding, the
+engine's pieces), the EAGLE drafter and its spot trainer (drafter.py), the GRPO pieces (rl.py) and the training
+loop (train.py). CPU only, offline, fp32; no GPU needed (the CUDA-graph test is skipped without one).
+
+Run:  python -m pytest -q test_nanotlt.py
+
+The tiny preset (a small model briefly warmed up on a synthetic task) is built once per session into
+$NANOTLT_CACHE, or into a temporary directory when that is unset (the warm-up then takes about a minute).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before torch/triton/kernels are imported: run the kernels on the CPU
+os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the network: fail fast instead
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import kernels
+import nanotlt
+import rl
+import spec_decode as sd
+import train
+from drafter import DraftBuffer, Drafter, SpotTrainer, accept_len, drafter_loss, export, self_generated
+
+torch.set_num_threads(1)  # tiny shapes: as fast, and robust to a busy machine (2 threads there: up to 100x slower)
+
+
+# =========================================================================================================
+# shared fixtures and helpers: the tiny preset, once per session
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny preset, built once: its cache dir (also exported as $NANOTLT_CACHE, which train.py reads), the
+    model (eval, frozen), the tokenizer and the train/test prompts, encoded."""
+    cache = os.environ.get("NANOTLT_CACHE") or str(tmp_path_factory.mktemp("nanotlt_cache"))
+    os.environ["NANOTLT_CACHE"] = cache
+    model, tok, data_dir = nanotlt.tiny_preset(cache)
+    model.eval().requires_grad_(False)
+    rows = lambda split: [tok.encode(r["prompt"]) for r in rl.load_rows(os.path.join(data_dir, split))[0]]
+    return types.SimpleNamespace(cache=cache, model=model, tok=tok, data_dir=data_dir, train=rows("train.jsonl"),
+                                 test=rows("test.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def trained_drafter(tiny):
+    """A drafter trained on the tiny model's own sampled rollouts of 256 train prompts (60 steps of 1024 tokens),
+    with its accept length on 16 test prompts before and after training."""
+    target, eos = tiny.model, tiny.tok.eos_token_id
+    data = self_generated(target, tiny.train[:256], 128, eos, seed=0)
+    torch.manual_seed(0)
+    drafter = Drafter.from_target(target)
+    before = accept_len(target, drafter, tiny.test[:16], 128, eos)
+    trainer = SpotTrainer(drafter, lr=3e-3, max_tokens=1024)
+    for t, h, p in data:
+        trainer.buffer.add(0, t, h, p)
+    trained = [trainer.train_step() for _ in range(60)]
+    trainer.sync()  # the trained weights into the serving drafter, `drafter`
+    after = accept_len(target, drafter, tiny.test[:16], 128, eos)
+    return types.SimpleNamespace(drafter=drafter.eval(), before=before, after=after, trained=trained)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# =========================================================================================================
+# kernels (kernels.py): tree attention over the static KV cache and KV compaction, in the Triton interpreter
+
+
+def tree_from_parents(parents):
+    """parents[i] < i (parents[0] = -1) -> [T, T] bool, row i = ancestors of i and i itself."""
+    T = len(parents)
+    m = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        m[i] |= m[parents[i]]
+    return m
+
+
+def random_trees(B, T, gen):
+    return torch.stack([tree_from_parents([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)])
+                        for _ in range(B)])
+
+
+def sdpa_dense(q, k_cache, v_cache, slots, lens, tree_mask, sm_scale=None):
+    """SDPA on the gathered rows with a dense mask built by explicit loops (independent of kernels.dense_mask)."""
+    B, Hq, T, D = q.shape
+    L = k_cache.shape[2]
+    mask = torch.zeros(B, 1, T, L, dtype=torch.bool)
+    for b in range(B):
+        n = int(lens[b])
+        mask[b, 0, :, :n] = True
+        for i in range(T):
+            for j in range(T):
+                mask[b, 0, i, n + j] = bool(tree_mask[b, i, j]) if tree_mask is not None else j <= i
+    k, v = k_cache[slots.long()].float(), v_cache[slots.long()].float()  # [B, Hkv, L, D]
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=sm_scale, enable_gqa=True)
+
+
+CASES = [  # B, Hq, Hkv, T, L, D, dtype, lens, slots, S, mask, splits
+    (2, 4, 1, 1, 48, 16, torch.float32, [0, 47], [2, 0], 3, "none", None),  # decode, GQA 4, empty and full cache
+    (2, 4, 2, 5, 40, 32, torch.float32, [35, 0], [2, 0], 3, "tree", None),  # T not a power of two, GQA 2
+    (2, 2, 2, 5, 40, 16, torch.float32, [3, 17], [0, 1], 2, "none", None),  # causal chunk, GQA 1
+    (3, 16, 2, 6, 64, 16, torch.float32, [58, 20, 0], [1, 4, 2], 5, "tree", None),  # GQA 8: 3 M-blocks per kv head
+    (2, 4, 1, 1, 64, 16, torch.float32, [64 - 1, 33], [1, 0], 2, "none", 3),  # split KV (flash-decoding)
+    (2, 4, 2, 7, 64, 16, torch.float32, [57, 2], [0, 1], 2, "tree", 4),  # split KV + tree; one row shorter than splits
+    (2, 4, 2, 5, 32, 32, torch.float16, [27, 9], [1, 0], 2, "tree", None),
+    (2, 4, 2, 5, 32, 32, torch.bfloat16, [0, 27], [1, 0], 2, "tree", 2),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,L,D,dtype,lens,slots,S,mask,splits", CASES)
+def test_tree_attention(B, Hq, Hkv, T, L, D, dtype, lens, slots, S, mask, splits):
+    gen = torch.Generator().manual_seed(B * 100 + T * 10 + L)
+    big_k = torch.randn(2, S, Hkv, L, D, generator=gen).to(dtype)  # [n_layers, S, Hkv, L, D]; use layer 1 (a view)
+    big_v = torch.randn(2, S, Hkv, L, D, generator=gen).to(dtype)
+    k, v = big_k[1], big_v[1]
+    q = torch.randn(B, T, Hq, D, generator=gen).to(dtype).transpose(1, 2)  # [B, Hq, T, D], not contiguous
+    slots, lens = torch.tensor(slots, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
+    tree = random_trees(B, T, gen) if mask == "tree" else None
+    out = kernels.tree_attention(q, k, v, slots, lens, tree, num_splits=splits)
+    assert out.shape == (B, Hq, T, D) and out.dtype == dtype
+    ref = kernels.tree_attention_ref(q, k, v, slots, lens, tree)
+    dense = sdpa_dense(q, k, v, slots, lens, tree)
+    tol = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), dense, atol=tol, rtol=tol)
+    torch.testing.assert_close(ref.float(), dense, atol=tol, rtol=tol)
+
+
+def test_sm_scale_and_causal_equals_chain_tree():
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 32, 16, generator=gen), torch.randn(2, 2, 32, 16, generator=gen)
+    q = torch.randn(2, 4, 4, 16, generator=gen)
+    slots, lens = torch.tensor([1, 0]), torch.tensor([10, 28])
+    chain = torch.ones(4, 4, dtype=torch.bool).tril().expand(2, 4, 4)  # a chain tree is the causal mask
+    a = kernels.tree_attention(q, k, v, slots, lens, None, sm_scale=0.3)
+    b = kernels.tree_attention(q, k, v, slots, lens, chain, sm_scale=0.3)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a, sdpa_dense(q, k, v, slots, lens, None, sm_scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def compact_loop(k, v, slots, lens, idx, alen):
+    for b in range(len(slots)):
+        s, n = int(slots[b]), int(lens[b])
+        for i in range(int(alen[b])):  # in order, as the path is walked
+            k[:, s, :, n + i] = k[:, s, :, n + int(idx[b, i])]
+            v[:, s, :, n + i] = v[:, s, :, n + int(idx[b, i])]
+
+
+@pytest.mark.parametrize("fn", [kernels.compact_kv, kernels.compact_kv_triton])
+def test_compact_kv(fn):
+    gen = torch.Generator().manual_seed(1)
+    NL, S, H, L, D, T = 3, 4, 3, 24, 16, 6
+    k, v = torch.randn(NL, S, H, L, D, generator=gen), torch.randn(NL, S, H, L, D, generator=gen)
+    slots, lens = torch.tensor([3, 0, 2], dtype=torch.int32), torch.tensor([5, 0, 18], dtype=torch.int32)
+    # row 0: a path skipping nodes, accept_len 3 (padding is garbage); row 1: accept_len 1; row 2: full, all moved
+    idx = torch.tensor([[0, 2, 5, 0], [0, 3, 3, 3], [1, 2, 4, 5]], dtype=torch.int32)  # [B, A]
+    alen = torch.tensor([3, 1, 4], dtype=torch.int32)
+    k2, v2 = k.clone(), v.clone()
+    compact_loop(k2, v2, slots, lens, idx, alen)
+    fn(k, v, slots, lens, idx, alen)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_compact_kv_random_agree():
+    gen = torch.Generator().manual_seed(2)
+    NL, S, H, L, D, T, A = 2, 5, 2, 40, 16, 10, 6
+    k, v = torch.randn(NL, S, H, L, D, generator=gen), torch.randn(NL, S, H, L, D, generator=gen)
+    slots = torch.randperm(S, generator=gen)[:4]
+    lens = torch.randint(0, L - T + 1, (4,), generator=gen)
+    idx = torch.stack([torch.randperm(T, generator=gen)[:A].sort().values for _ in range(4)])
+    alen = torch.tensor([1, A, 3, 5])
+    ref = [k.clone(), v.clone()]
+    compact_loop(*ref, slots, lens, idx, alen)
+    for fn in (kernels.compact_kv, kernels.compact_kv_triton):
+        kk, vv = k.clone(), v.clone()
+        fn(kk, vv, slots, lens, idx, alen)
+        assert torch.equal(kk, ref[0]) and torch.equal(vv, ref[1])
+
+
+def test_unused_cache_is_never_read():
+    """A fresh cache may hold NaN/inf past each row's tokens (and in other slots): outputs must stay finite."""
+    gen = torch.Generator().manual_seed(3)
+    S, H, L, D, T = 3, 2, 48, 16, 4
+    k, v = torch.full((S, H, L, D), float("nan")), torch.full((S, H, L, D), float("inf"))
+    slots, lens = torch.tensor([2, 0]), torch.tensor([20, 0])
+    for b in range(2):
+        n = int(lens[b]) + T
+        k[slots[b], :, :n] = torch.randn(H, n, D, generator=gen)
+        v[slots[b], :, :n] = torch.randn(H, n, D, generator=gen)
+    q = torch.randn(2, 4, T, D, generator=gen)
+    tree = random_trees(2, T, gen)
+    for splits in (None, 3):
+        out = kernels.tree_attention(q, k, v, slots, lens, tree, num_splits=splits)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, kernels.tree_attention_ref(q, k, v, slots, lens, tree), atol=1e-5, rtol=1e-5)
+
+
+# =========================================================================================================
+# model and engine (nanotlt.py, spec_decode.py)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures: tiny HF checkpoints loaded through nanotlt (the tiny preset and its trained drafter: at the top)
+
+
+def hf_checkpoint(tmp_path, kind="llama", **kw):
+    """A random tiny HF model saved as a checkpoint; returns (hf_model, nanotlt_model), both fp32, eval."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    base = dict(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg = (LlamaConfig if kind == "llama" else Qwen2Config)(**{**base, **kw})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # larger weights than HF's init: peaked, non-trivial distributions
+        for p in hf.parameters():
+            p.normal_(0, 0.15) if p.dim() == 2 else p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    return hf, nanotlt.Transformer.from_pretrained(str(tmp_path), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return hf_checkpoint(tmp_path_factory.mktemp("llama"))
+
+
+def ragged_prompts(n, vocab, seed=0, lo=2, hi=12):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model against transformers
+
+
+HF_CONFIGS = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mha-tied-llama3": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32,
+        rope_theta=500000.0))),
+    "qwen2-gqa-tied": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen2-gqa-untied": ("qwen2", dict(num_attention_heads=8, head_dim=16)),
+}
+
+
+@pytest.mark.parametrize("name", HF_CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    kind, kw = HF_CONFIGS[name]
+    hf, model = hf_checkpoint(tmp_path, kind, **kw)
+    assert model.args.tie_embeddings == bool(kw.get("tie_word_embeddings"))
+    ids = torch.randint(0, 48, (2, 80))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids)
+    assert (out - ref).abs().max().item() <= 1e-4
+    # the cached path (chunked prefill + decode through the static cache) gives the same logits
+    model.setup_cache(3, 96)
+    slots, h = torch.tensor([2, 0]), []
+    with torch.no_grad():
+        for c0, c1 in ((0, 37), (37, 64), (64, 65), (65, 80)):
+            h.append(model.hidden(ids[:, c0:c1], ctx=nanotlt.Ctx(slots=slots, cache_lens=torch.full((2,), c0))))
+        assert (model.logits(torch.cat(h, 1)) - ref).abs().max().item() <= 1e-4
+
+
+def test_greedy_matches_transformers_generate(llama):
+    hf, model = llama
+    prompts = ragged_prompts(4, 48, seed=1)
+    free, _ = sd.generate(model, prompts, 24)
+    eos = free[0][6]  # a token the model does produce: some rows stop early, others run to the limit
+    ours, stats = sd.generate(model, prompts, 24, eos_id=eos)
+    assert stats["tokens"] == sum(map(len, ours)) and stats["target_forwards"] >= 24 and stats["seconds"] > 0
+    assert any(o[-1] == eos and len(o) < 24 for o in ours) and any(len(o) == 24 for o in ours)
+    for p, o in zip(prompts, ours):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=24,
+                          do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
+        assert o == ref
+
+
+def test_from_pretrained_errors(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=40).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="not supported"):
+        nanotlt.Transformer.from_pretrained(str(tmp_path / "gpt2"))
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=40)
+    cfg.save_pretrained(tmp_path / "nw")  # a config, no weights
+    with pytest.raises(ValueError, match="safetensors"):
+        nanotlt.Transformer.from_pretrained(str(tmp_path / "nw"))
+
+
+def test_cached_path_with_triton_kernel(monkeypatch):
+    """Chunked prefill, decode and a tree step through kernels.tree_attention (interpreter) equal the plain
+    forward: every tree node sees exactly the cache and its ancestors."""
+    monkeypatch.setattr(nanotlt, "USE_TRITON", True)
+    torch.manual_seed(0)
+    a = nanotlt.ModelArgs(vocab_size=20, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=48)
+    model = nanotlt.Transformer(a).eval()
+    ids = torch.randint(0, 20, (2, 21))
+    model.setup_cache(3, 32)
+    slots, hs = torch.tensor([1, 2]), []
+    with torch.no_grad():
+        ref = model.hidden(ids)
+        for c0, c1 in ((0, 17), (17, 18), (18, 19)):  # a chunk across KV blocks, then decode steps
+            hs.append(model.hidden(ids[:, c0:c1], ctx=nanotlt.Ctx(slots=slots, cache_lens=torch.full((2,), c0))))
+        assert (torch.cat(hs, 1) - ref[:, :19]).abs().max() < 1e-4
+        parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 0]])
+        tok = torch.randint(0, 20, (2, 4))
+        depth = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 1]])
+        mask = sd.ancestor_mask(parents, 2)
+        h = model.hidden(tok, 19 + depth, nanotlt.Ctx(slots=slots, cache_lens=torch.full((2,), 19), tree_mask=mask))
+        for b in range(2):
+            for i in range(4):
+                path = [j for j in range(4) if mask[b, i, j]]  # ancestors in order (parents come first)
+                seq = torch.cat([ids[b, :19], tok[b, path]])[None]
+                assert (h[b, i] - model.hidden(seq)[0, -1]).abs().max() < 1e-4
+
+
+def test_engine_through_triton_kernel(monkeypatch):
+    """The whole SD loop (catch-up, tree drafting with expanded masks, tree verify) with kernels.tree_attention
+    in the interpreter gives what plain decoding with the PyTorch reference gives."""
+    torch.manual_seed(0)
+    a = nanotlt.ModelArgs(vocab_size=20, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=48)
+    model = nanotlt.Transformer(a).eval()
+    drafter = Drafter.from_target(model).eval()
+    prompts = [[3, 4, 5, 3, 4], [7, 8]]
+    ref, _ = sd.generate(model, prompts, 10, 1.0, seed=1)
+    monkeypatch.setattr(nanotlt, "USE_TRITON", True)
+    for d in (drafter, "ngram"):
+        out, s = sd.generate(model, prompts, 10, 1.0, seed=1, drafter=d, draft_depth=3, draft_topk=2, verify_tokens=5)
+        assert out == ref and s["verify_steps"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_sample_top_p_masks_exactly():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    logits = probs.log()[None, None].expand(4000, 1, 4)
+    ids, steps = torch.arange(4000), torch.zeros(4000, 1, dtype=torch.long)
+    for top_p, kept in ((0.45, {1}), (0.79, {1, 3}), (0.81, {1, 3, 2}), (0.96, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})):
+        tok = sd.sample(logits, ids, steps, 1.0, top_p, seed=5)[:, 0]
+        assert set(tok.tolist()) == kept
+        freq = torch.bincount(tok, minlength=4).float() / 4000
+        want = torch.zeros(4)
+        want[list(kept)] = probs[list(kept)] / probs[list(kept)].sum()
+        assert (freq - want).abs().max() < 0.03
+    # the noise is a pure function of (seed, sequence, step): a different batch gives the same draws
+    x = torch.randn(6, 3, 48)
+    s_ids, st = torch.tensor([7, 3, 9, 1, 0, 5]), torch.randint(0, 100, (6, 3))
+    full = sd.sample(x, s_ids, st, 1.0, 0.9, seed=2)
+    assert torch.equal(sd.sample(x[[4, 1]], s_ids[[4, 1]], st[[4, 1]], 1.0, 0.9, seed=2), full[[4, 1]])
+    assert not torch.equal(sd.sample(x, s_ids, st, 1.0, 0.9, seed=3), full)
+
+
+def chi2_ok(counts, probs):
+    """Pearson chi-square against `probs`, bins with small expectations merged; threshold at p ~ 1e-4."""
+    n, exp = counts.sum(), probs * counts.sum()
+    big = exp >= 5
+    obs, exp = torch.cat([counts[big], counts[~big].sum()[None]]), torch.cat([exp[big], exp[~big].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat, k = float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1
+    limit = k * (1 - 2 / (9 * k) + 3.72 * math.sqrt(2 / (9 * k))) ** 3  # Wilson-Hilferty
+    return stat < limit, stat, limit
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_sampled_distribution_matches_softmax(llama, temperature, top_p):
+    """Many sequences of one prompt: the first token (prefill) and, among rows that drew the most likely first
+    token, the second one (decode step) follow softmax(logits / T) after the top-p mask."""
+    _, model = llama
+    prompt, N = [5, 9, 2, 11], 6000
+    outs, _ = sd.generate(model, [prompt] * N, 2, temperature, top_p, seed=11)
+    first, second = torch.tensor([o[0] for o in outs]), torch.tensor([o[1] for o in outs])
+
+    def target(prefix):
+        with torch.no_grad():
+            x = model(torch.tensor([prefix]))[0, -1] / temperature
+        p = x.softmax(-1)
+        srt, order = p.sort(descending=True)
+        drop = torch.zeros_like(p, dtype=torch.bool)
+        drop[order] = (srt.cumsum(0) - srt) >= top_p
+        return torch.where(drop, 0.0, p) / torch.where(drop, 0.0, p).sum()
+
+    p1 = target(prompt)
+    ok, stat, limit = chi2_ok(torch.bincount(first, minlength=48).float(), p1)
+    assert ok, (stat, limit)
+    assert (p1.max() < 0.9) and (p1 > 0.02).sum() >= 4  # the test has power: several likely tokens
+    mode = int(p1.argmax())
+    ok, stat, limit = chi2_ok(torch.bincount(second[first == mode], minlength=48).float(), target(prompt + [mode]))
+    assert ok, (stat, limit)
+
+
+def test_same_seed_same_outputs_any_batch_order(llama):
+    _, model = llama
+    prompts = ragged_prompts(6, 48, seed=3)
+    ids = [100 + i for i in range(6)]
+    out, _ = sd.generate(model, prompts, 20, 1.0, 0.9, seed=4, seq_ids=ids)
+    perm = [4, 0, 5, 2, 1, 3]
+    for drafter in (None, "ngram"):
+        out2, _ = sd.generate(model, [prompts[i] for i in perm], 20, 1.0, 0.9, seed=4, seq_ids=[ids[i] for i in perm],
+                              drafter=drafter)
+        assert out2 == [out[i] for i in perm]
+    sub, _ = sd.generate(model, [prompts[1], prompts[4]], 20, 1.0, 0.9, seed=4, seq_ids=[ids[1], ids[4]])
+    assert sub == [out[1], out[4]]
+    other, _ = sd.generate(model, prompts, 20, 1.0, 0.9, seed=5, seq_ids=ids)
+    assert other != out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# speculative decoding is lossless
+
+
+SAMPLING = [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9)]
+
+
+def check_lossless(model, prompts, eos, max_new, drafter, **kw):
+    stats = []
+    for temperature, top_p in SAMPLING:
+        ref, _ = sd.generate(model, prompts, max_new, temperature, top_p, seed=7, eos_id=eos)
+        out, s = sd.generate(model, prompts, max_new, temperature, top_p, seed=7, eos_id=eos, drafter=drafter, **kw)
+        assert out == ref, (temperature, top_p)
+        assert s["verify_steps"] > 0 and s["sd_tokens"] >= s["verify_steps"]
+        stats.append(s)
+    assert any(len(o) < max_new and o[-1] == eos for o in ref)  # some row did stop at eos
+    return stats
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(draft_depth=4, draft_topk=3, verify_tokens=10)])
+def test_lossless_untrained_drafter(llama, shape):
+    _, model = llama
+    torch.manual_seed(1)
+    drafter = Drafter.from_target(model).eval()
+    prompts = ragged_prompts(5, 48, seed=2)
+    stats = check_lossless(model, prompts, eos=3, max_new=40, drafter=drafter, **shape)
+    assert stats[1]["accept_len"] < 1.5  # sampled: mostly rejections
+    if shape:
+        assert all(set(s["arms"].values()) == {("model", 4, 3, 10)} for s in stats)
+
+
+def test_lossless_ngram_drafter(llama):
+    _, model = llama
+    prompts = ragged_prompts(6, 48, seed=5)
+    stats = check_lossless(model, prompts, eos=3, max_new=48, drafter="ngram", group_ids=[0, 0, 0, 1, 1, 2])
+    assert stats[0]["accept_len"] > 1.1  # drafts do get accepted: accepted paths and compaction are exercised
+    assert all(a[0] == "ngram" for s in stats for a in s["arms"].values())
+
+
+def test_lossless_trained_drafter(tiny, trained_drafter):
+    model, drafter = tiny.model, trained_drafter.drafter
+    ps, eos = tiny.test[100:107], tiny.tok.eos_token_id
+    check_lossless(model, ps, eos, 120, drafter, sd_threshold=8)  # the bandit: several shapes, n-gram arms too
+    ref = {t: sd.generate(model, ps, 120, t, seed=7, eos_id=eos)[0] for t in (0.0, 1.0)}
+    for arm in sd.DEFAULT_ARMS[:4]:  # every learned tree shape, greedy and sampled: mostly acceptances
+        for t in (0.0, 1.0):
+            out, s = sd.generate(model, ps, 120, t, seed=7, eos_id=eos, drafter=drafter, draft_depth=arm.depth,
+                                 draft_topk=arm.topk, verify_tokens=arm.verify_tokens)
+            assert out == ref[t]
+            if t == 0.0:
+                assert s["accept_len"] > 1.5, (arm, s["accept_len"])
+
+
+def test_sd_threshold_switches_sd_on_in_the_tail(llama):
+    _, model = llama
+    prompts = ragged_prompts(8, 48, seed=9)
+    free, _ = sd.generate(model, prompts, 30)
+    eos = max(range(48), key=lambda t: sum(t in o for o in free))  # the token most rows produce: rows end apart
+    out, s = sd.generate(model, prompts, 30, eos_id=eos, drafter="ngram", sd_threshold=3)
+    assert out == sd.generate(model, prompts, 30, eos_id=eos)[0]
+    steps = s["timeline"]
+    assert all(not use for _, b, use in steps if b > 3) and all(use for _, b, use in steps if b <= 3)
+    assert any(b > 3 for _, b, _ in steps) and s["verify_steps"] > 0 and s["tail_start_s"] is not None
+    assert [b for _, b, _ in steps] == sorted((b for _, b, _ in steps), reverse=True)  # the batch only shrinks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the engine's pieces
+
+
+def prefilled(model, prompts, L=64, hidden=False):
+    st = sd.make_state(prompts, L, "cpu", model.args.dim if hidden else None)
+    model.setup_cache(len(prompts) + 1, L)
+    cfg = sd.Run(0.0, 1.0, 0, sd.eager)
+    with torch.no_grad():
+        sd.prefill(model, st, torch.arange(len(prompts)), prompts, cfg, chunk=5, max_tokens=8)
+    return st, cfg
+
+
+def test_prefill_in_blocks_of_rows_and_chunks(llama):
+    _, model = llama
+    prompts = ragged_prompts(5, 48, seed=4, lo=1, hi=17)
+    st = sd.make_state(prompts, 40, "cpu", model.args.dim)
+    model.setup_cache(6, 40)
+    with torch.no_grad():
+        first = sd.prefill(model, st, torch.tensor([3, 1, 0, 4, 2]), [prompts[i] for i in (3, 1, 0, 4, 2)],
+                           sd.Run(0.0, 1.0, 0, sd.eager), chunk=4, max_tokens=9)  # 2 rows x 4 positions a forward
+        for i, p in enumerate(prompts):
+            h = model.hidden(torch.tensor([p]))[0]
+            assert (st.hidden[i, :len(p)] - h).abs().max() < 1e-4
+            assert int(first[(3, 1, 0, 4, 2).index(i)]) == int(model.logits(h[-1]).argmax())
+            assert int(st.lens[i]) == len(p) and int(st.tokens[i, len(p)]) == int(model.logits(h[-1]).argmax())
+
+
+def test_verify_step_commits_path_bonus_and_compacts_kv(llama):
+    """A hand-made tree whose greedy path runs through second children: the engine commits that path plus the
+    target's next token, and the cache and hidden states equal those of plain decoding of the same tokens."""
+    _, model = llama
+    prompts = [[4, 8, 15, 16], [23, 42, 7, 9, 11, 30, 2]]
+    with torch.no_grad():
+        greedy = [sd.generate(model, [p], 4)[0][0] for p in prompts]  # pending g0, then g1, g2, g3
+    st, cfg = prefilled(model, prompts, hidden=True)
+    lens0 = st.lens[:2].clone()
+    wrong = lambda t: (t + 1) % 48
+    # node: 0 root=g0; 1 wrong(g1); 2 g1; 3 wrong(g2) under 2; 4 g2 under 2; 5 wrong(g3) under 4; 6 child of 1
+    toks = torch.tensor([[g[0], wrong(g[1]), g[1], wrong(g[2]), g[2], wrong(g[3]), g[2]] for g in greedy])
+    parents = torch.tensor([[-1, 0, 0, 2, 2, 4, 1]] * 2)
+    depth = torch.tensor([[0, 1, 1, 2, 2, 3, 2]] * 2)
+    tree = sd.Tree(toks, parents, depth, sd.ancestor_mask(parents, 3), 3)
+    with torch.no_grad():
+        new, count = sd.verify_step(model, st, torch.arange(2), tree, cfg)
+    assert count.tolist() == [3, 3]
+    assert [n[:3] for n in new.tolist()] == [g[1:4] for g in greedy]
+    assert torch.equal(st.lens[:2], lens0 + 3) and torch.equal(st.n_gen[:2], torch.tensor([4, 4]))
+    k_sd, v_sd, h_sd, tok_sd = model.k_cache.clone(), model.v_cache.clone(), st.hidden.clone(), st.tokens.clone()
+    st2, cfg2 = prefilled(model, prompts, hidden=True)
+    with torch.no_grad():
+        for _ in range(3):
+            sd.decode_step(model, st2, torch.arange(2), cfg2)
+    for b in range(2):
+        n = int(st.lens[b])
+        assert torch.allclose(k_sd[:, b, :, :n], model.k_cache[:, b, :, :n], atol=1e-5)
+        assert torch.allclose(v_sd[:, b, :, :n], model.v_cache[:, b, :, :n], atol=1e-5)
+        assert torch.allclose(h_sd[b, :n], st2.hidden[b, :n], atol=1e-5)
+        assert torch.equal(tok_sd[b, :n + 1], st2.tokens[b, :n + 1])
+
+
+def test_ancestor_mask_per_row():
+    parents = torch.tensor([[-1, 0, 0, 1, 3], [-1, 0, 1, 2, 0]])
+    mask = sd.ancestor_mask(parents, 4)
+    for b in range(2):
+        for i in range(5):
+            anc, j = {i}, i
+            while parents[b, j] >= 0:
+                j = int(parents[b, j])
+                anc.add(j)
+            assert {j for j in range(5) if mask[b, i, j]} == anc
+
+
+def reference_eagle(drafter, model, seq, hid, depth, k, n_verify):
+    """EAGLE-2 with per-node loops and no cache: each node's drafter input is its ancestry written out."""
+    T = len(seq)  # seq: tokens incl. the pending one; hid: target hidden states h_0 .. h_{T-2}
+    base_tok, base_h = seq[1:], hid  # pairs (x_{t+1}, h_t), t = 0 .. T-2
+
+    def run(path_tok, path_h):  # drafter over the base pairs + the path's pairs, causal, no cache
+        tok = torch.tensor(base_tok + path_tok)[None]
+        h = torch.cat([base_h] + [x[None] for x in path_h])[None]
+        return drafter.hidden(tok, h, torch.arange(tok.shape[1])[None])[0, -1]
+
+    root_h = run([], [])
+    lp = torch.log_softmax(drafter.logits(root_h).float(), -1)
+    s, t = lp.topk(k)
+    nodes = [dict(tok=int(t[i]), score=float(s[i]), parent=None, depth=1, h_in=root_h) for i in range(k)]
+    beams = list(range(k))
+    for d in range(1, depth):
+        children = []
+        for bi in beams:
+            path, j = [], bi
+            while j is not None:
+                path.insert(0, j)
+                j = nodes[j]["parent"]
+            h = run([nodes[j]["tok"] for j in path], [nodes[j]["h_in"] for j in path])
+            s, t = torch.log_softmax(drafter.logits(h).float(), -1).topk(k)
+            children += [dict(tok=int(t[i]), score=nodes[bi]["score"] + float(s[i]), parent=bi, depth=d + 1, h_in=h)
+                         for i in range(k)]
+        first = len(nodes)
+        nodes += children
+        beams = sorted(range(first, len(nodes)), key=lambda i: -nodes[i]["score"])[:k]
+    kept = sorted(range(len(nodes)), key=lambda i: -(nodes[i]["score"] - 1e-4 * nodes[i]["depth"]))[:n_verify - 1]
+
+    def path_of(i):
+        return () if i is None else path_of(nodes[i]["parent"]) + (nodes[i]["tok"],)
+    return {path_of(i) for i in kept}
+
+
+def test_eagle_draft_builds_the_eagle2_tree(llama):
+    _, model = llama
+    torch.manual_seed(3)
+    drafter = Drafter.from_target(model).eval()
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.mul_(3)  # a sharper drafter: fewer near-ties between candidates
+    prompts = [[4, 8, 15, 16, 23], [42, 7, 9], [11, 30, 2, 5, 6, 7, 8, 9]]
+    depth, k, n_verify = 4, 3, 11
+    st, cfg = prefilled(model, prompts, hidden=True)
+    slots = torch.tensor([2, 0, 1])  # any order of slots
+    drafter.setup_cache(4, 64)
+    with torch.no_grad():
+        for _ in range(2):  # some plain steps, so the drafter has pairs to catch up on
+            sd.decode_step(model, st, torch.arange(3), cfg)
+        tree = sd.eagle_draft(drafter, st, slots, depth, k, n_verify)
+    B, T = tree.tokens.shape
+    assert T == n_verify and tree.max_depth == depth
+    assert torch.equal(tree.tokens[:, 0], st.tokens[slots, st.lens[slots]])  # the root is the pending token
+    for b in range(B):
+        par, dep = tree.parents[b].tolist(), tree.depth[b].tolist()
+        assert par[0] == -1 and dep[0] == 0
+        for i in range(1, T):
+            assert 0 <= par[i] < i and dep[i] == dep[par[i]] + 1 <= depth  # parents before children
+            assert torch.equal(tree.mask[b, i], tree.mask[b, par[i]] | (torch.arange(T) == i))
+        kids = {}
+        for i in range(1, T):
+            kids.setdefault(par[i], []).append(int(tree.tokens[b, i]))
+        assert all(len(v) == len(set(v)) for v in kids.values())  # siblings are distinct tokens
+
+        def path_of(i):
+            return () if i == 0 else path_of(par[i]) + (int(tree.tokens[b, i]),)
+        s = int(slots[b])
+        n = int(st.lens[s])
+        with torch.no_grad():
+            ref = reference_eagle(drafter, model, st.tokens[s, :n + 1].tolist(), st.hidden[s, :n], depth, k, n_verify)
+        assert {path_of(i) for i in range(1, T)} == ref
+    with torch.no_grad():  # more verify tokens than candidates (2 + 2 * 4): all of them
+        assert sd.eagle_draft(drafter, st, slots, 3, 2, 64).tokens.shape == (3, 1 + 2 + 2 * 4)
+
+
+def test_catch_up_stays_inside_the_cache(llama):
+    """Rows lacking very different numbers of pairs, one near the end of the cache: every write stays below
+    lens, and each row's prediction equals catching that row up alone."""
+    _, model = llama
+    torch.manual_seed(0)
+    drafter = Drafter.from_target(model).eval()
+    L = 48
+    st = sd.make_state([[1] * 3, [1] * 3], L, "cpu", model.args.dim)
+    st.tokens.random_(0, 48)
+    st.hidden.normal_()
+    drafter.setup_cache(3, L)
+    st.lens[:2] = torch.tensor([30, L - 2])
+    st.draft_lens[:2] = torch.tensor([0, L - 6])
+    with torch.no_grad():
+        sd.catch_up(drafter, st, torch.tensor([0]), todo=None)  # row 0 alone, from scratch
+        st.draft_lens[1] = 0
+        sd.catch_up(drafter, st, torch.tensor([1]))  # row 1 alone, from scratch
+        st.draft_lens[:2] = torch.tensor([0, L - 6])
+        st.lens[:2] = torch.tensor([30, L - 2])
+        alone = [drafter.hidden(st.tokens[s, 1:n + 1][None], st.hidden[s, :n][None], torch.arange(n)[None])[0, -1]
+                 for s, n in ((0, 30), (1, L - 2))]
+        both = sd.catch_up(drafter, st, torch.tensor([0, 1]), todo=30)  # old code: row 1 wrote up to L + 24
+    assert torch.equal(st.draft_lens[:2], st.lens[:2])
+    for b in range(2):
+        assert (both[b] - alone[b]).abs().max() < 1e-4
+
+
+def test_ngram_drafter_continues_patterns_and_reads_siblings():
+    pattern = [5, 6, 7, 8, 9]
+    prompts = [[2, 3] + pattern * 3 + pattern[:2], [4, 4], [2, 3] + pattern[:1]]
+    st = sd.make_state(prompts, 40, "cpu", group_ids=[0, 1, 0])
+    st.lens[:3] = torch.tensor([len(p) - 1 for p in prompts])  # the last prompt token is the pending one
+    st.lens[3] = 0
+    tree = sd.ngram_draft(st, torch.tensor([0, 2]), depth=7)
+    assert tree.tokens[0].tolist() == [6, 7, 8, 9, 5, 6, 7, 8]  # the pattern, continued past what is known
+    assert tree.tokens[1].tolist() == [5, 6, 7, 8, 9, 5, 6, 7]  # row 2 has seen "3 5" only in its sibling, row 0
+    assert tree.parents[0].tolist() == list(range(-1, 7)) and tree.depth[0].tolist() == list(range(8))
+    assert tree.mask is None  # a chain: causal
+    alone = sd.make_state(prompts, 40, "cpu")  # no groups: row 2 has only its own "2 3 5" to look in
+    alone.lens[:3] = st.lens[:3]
+    assert sd.ngram_draft(alone, torch.tensor([2]), depth=3).tokens[0, 1:].tolist() != [6, 7, 8]
+
+
+def test_bandit_settles_on_the_best_arm_per_bucket():
+    arms = [sd.Arm("model", d, k, v) for d, k, v in ((3, 2, 6), (5, 4, 12), (8, 4, 48))] + [sd.Arm("ngram", 4, 1, 5)]
+    table = {1: [10, 30, 20, 5], 16: [10, 12, 25, 5], 128: [10, 5, 50, 20]}  # 128 x 48 is over the budget
+    bandit, rng, picks = sd.Bandit(arms, eps=0.1, token_budget=4096, seed=0), random.Random(0), {b: [] for b in table}
+    for it in range(300):
+        for b, means in table.items():
+            arm = bandit.choose(b)
+            bandit.update(b, arm, means[arms.index(arm)] * rng.uniform(0.7, 1.3))
+            picks[b].append(arms.index(arm))
+    best = {1: 1, 16: 2, 128: 3}
+    for b, i in best.items():
+        late = picks[b][-100:]
+        assert late.count(i) >= 80 and bandit.best()[b] == (arms[i].drafter, arms[i].depth, arms[i].topk,
+                                                            arms[i].verify_tokens)
+    assert 2 not in picks[128]  # the memory guard
+    assert set(picks[1][:4]) == {0, 1, 2, 3}  # untried arms first
+
+
+def test_bandit_falls_back_to_ngram_with_a_useless_drafter(tiny):
+    model, tok, prompts = tiny.model, tiny.tok, tiny.test
+    useless = Drafter.from_target(model).eval()
+    with torch.no_grad():
+        for p in useless.parameters():
+            p.zero_()  # predicts the same hidden state whatever the input: drafts are almost always wrong
+    long = sorted(prompts, key=len)[-2:]  # long lists: long responses of repeated "a+b=c;" steps
+    picks = []
+
+    class Recording(sd.Bandit):
+        def choose(self, rows):
+            picks.append((rows, super().choose(rows)))
+            return picks[-1][1]
+
+    out, s = sd.generate(model, long, 200, eos_id=tok.eos_token_id, drafter=useless, bandit=Recording(sd.DEFAULT_ARMS))
+    assert out == sd.generate(model, long, 200, eos_id=tok.eos_token_id)[0]
+    late = [arm.drafter for rows, arm in picks[len(sd.DEFAULT_ARMS):] if rows == 2]  # after trying every arm
+    assert len(late) > 50 and late.count("ngram") >= 0.8 * len(late)
+    assert s["arms"][2][0] == "ngram" and s["accept_len"] > 1.2
+
+
+def test_graph_pool_follows_the_tensors_it_captured(llama):
+    """Graphs replay raw addresses: the pool survives calls and in-place weight updates, is rebuilt when the
+    target's cache is reallocated, and drops the drafter's graphs when another drafter comes."""
+    _, model = llama
+    d1, d2 = Drafter.from_target(model), Drafter.from_target(model)
+    sd.ensure_cache(model, 4, 64)
+    for d in (d1, d2):
+        sd.ensure_cache(d, 4, 64)
+    pool = sd.graph_pool(model, d1, True)
+    pool.graphs = {("target", 1): "t", ("draft2", 1): "d"}  # stand-ins for captured graphs
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)  # in place: addresses unchanged
+    assert sd.graph_pool(model, d1, True) is pool and sd.graph_pool(model, None, True) is pool
+    assert set(pool.graphs) == {("target", 1), ("draft2", 1)}
+    assert sd.graph_pool(model, d2, True) is pool and set(pool.graphs) == {("target", 1)}
+    assert sd.graph_pool(model, d2, False) is not pool  # the flag is part of the signature
+    model.setup_cache(5, 64)
+    assert sd.graph_pool(model, d2, False).dummy_slot == 4  # the spare slot of the new cache
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_on_off_identical(tmp_path):
+    _, model = hf_checkpoint(tmp_path)
+    model = model.cuda()
+    drafter = Drafter.from_target(model).eval()
+    prompts = ragged_prompts(5, 48, seed=2)
+    for kw in (dict(), dict(drafter="ngram"), dict(drafter=drafter)):
+        off, _ = sd.generate(model, prompts, 40, 1.0, seed=1, eos_id=3, cuda_graphs=False, **kw)
+        on, s = sd.generate(model, prompts, 40, 1.0, seed=1, eos_id=3, cuda_graphs=True, **kw)
+        assert on == off and s["graph_pool_mb"] > 0
+
+
+# =========================================================================================================
+# drafter (drafter.py): loss, buffer, spot trainer, cross-rank sync, checkpoints and export
+
+
+def random_target(seed=0):
+    torch.manual_seed(seed)
+    return nanotlt.Transformer(nanotlt.tiny_args()).requires_grad_(False)
+
+
+def fill(trainer, step, n, seed, n_prompt=4):
+    """Random samples (tokens, hidden) of random lengths into the trainer's buffer."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        L = int(torch.randint(n_prompt + 2, 40, (1,), generator=g))
+        trainer.buffer.add(step, torch.randint(2, 16, (L,), generator=g), torch.randn(L, 128, generator=g), n_prompt)
+
+
+def test_packed_loss_equals_sum_of_samples():
+    target = random_target()
+    drafter = Drafter.from_target(target)
+    buf, g = DraftBuffer(), torch.Generator().manual_seed(1)
+    samples = []
+    for L, P in [(9, 3), (17, 5), (5, 1), (12, 11)]:
+        tok, h = torch.randint(2, 16, (L,), generator=g), torch.randn(L, 128, generator=g)
+        samples.append((tok, h, P))
+        buf.add(0 if L % 2 else 1, tok, h if L != 9 else h[:-1], P)  # on_finish's hidden lacks the last token
+    samples[0] = (samples[0][0][:-1], samples[0][1][:-1], 3)
+    b = buf.batch(1, 10_000, random.Random(0))
+    N = b["tokens"].shape[1]
+    assert N == sum(len(t) for t, _, _ in samples) and b["attn_mask"].shape == (1, 1, N, N)
+    packed, n_packed = drafter_loss(drafter, **b)
+    packed.backward()
+    g_packed = [p.grad.clone() for p in drafter.parameters()]
+    drafter.zero_grad()
+    total, n_total = 0.0, 0
+    for tok, h, P in samples:
+        loss, n = drafter_loss(drafter, tok[None], h[None], (torch.arange(len(tok)) >= P)[None])
+        total, n_total = total + loss, n_total + n
+    total.backward()
+    assert int(n_packed) == int(n_total) == sum(len(t) - P for t, _, P in samples)
+    torch.testing.assert_close(packed, total, rtol=1e-5, atol=1e-5)
+    for a, p in zip(g_packed, drafter.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in target.parameters())  # the shared target is never touched
+
+
+def test_buffer_cap_and_steps():
+    buf = DraftBuffer(max_tokens=100)
+    for step in range(4):
+        for _ in range(3):
+            buf.add(step, torch.arange(20), torch.zeros(20, 8), 5)
+    assert buf.n_tokens <= 100 and min(buf.steps) >= 2  # the oldest steps went first
+    buf.add(3, torch.arange(20), torch.zeros(20, 8), 5, key="x")
+    buf.add(3, torch.arange(30), torch.zeros(30, 8), 5, key="x")  # replaces: same step and key
+    assert len(buf.steps[3]) == 4 and buf.n_tokens == sum(len(s[0]) for d in buf.steps.values() for s in d.values())
+    assert buf.batch(9, 64, random.Random(0)) is None  # nothing from steps 8 or 9
+    b = buf.batch(3, 64, random.Random(0))
+    assert b["tokens"].shape[1] <= 64 and not b["loss_mask"][0, 0]
+
+
+def test_training_raises_accept_len(trained_drafter):
+    """The shared session drafter (trained and measured before/after inside its fixture, at the top)."""
+    before, after = trained_drafter.before, trained_drafter.after
+    assert all(trained_drafter.trained)  # every step had data
+    assert after >= 2.5 and after >= before + 1.5, (before, after)
+
+
+def test_stop_within_one_step():
+    trainer = SpotTrainer(Drafter.from_target(random_target()), max_tokens=1024)
+    fill(trainer, 0, 200, seed=0)
+    trainer.start(0)
+    while trainer.opt_steps < 4:
+        time.sleep(0.01)
+    step_s = trainer.train_s / trainer.opt_steps
+    t0 = time.perf_counter()
+    trainer._stop.set()  # what stop() does first; the count after it tells how many steps ran past the flag
+    n0 = trainer.opt_steps
+    trainer.stop()
+    assert trainer.opt_steps - n0 <= 1
+    assert time.perf_counter() - t0 < 2 * step_s + 0.05
+    assert trainer.stats()["tail_steps"] == trainer.opt_steps
+
+
+def test_serving_unchanged_while_training_during_rollout(tiny):
+    target, tok = tiny.model, tiny.tok
+    torch.manual_seed(0)
+    serving = Drafter.from_target(target)
+    trainer = SpotTrainer(serving, lr=1e-2, max_tokens=512)
+    for t, h, p in self_generated(target, tiny.train[:32], 64, tok.eos_token_id, seed=0):
+        trainer.buffer.add(0, t, h, p)
+    before = {k: v.clone() for k, v in serving.state_dict().items()}
+    prompts = tiny.test[:16]
+    shape = dict(eos_id=tok.eos_token_id, drafter=serving, sd_threshold=16, draft_depth=4, draft_topk=2,
+                 verify_tokens=8)
+    _, ref = sd.generate(target, prompts, 96, **shape)
+    _, stats = sd.generate(target, prompts, 96, on_tail=lambda: trainer.start(1),
+                           on_finish=lambda i, t, h: trainer.buffer.add(1, t, h, len(prompts[i])), **shape)
+    trainer.stop()
+    assert trainer.stats()["tail_steps"] > 0
+    assert all(torch.equal(before[k], v) for k, v in serving.state_dict().items())
+    assert stats["accept_len"] == ref["accept_len"]  # same drafts all along
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert len(trainer.buffer.steps[1]) == len(prompts)
+
+
+def _drafter_rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    trainer = SpotTrainer(Drafter.from_target(random_target()), lr=1e-2, max_tokens=256, seed=rank)
+    fill(trainer, 0, 50, seed=100 + rank)  # each rank sees different data
+    for _ in range(3 + 3 * rank):
+        trainer.train_step()
+    if rank == 1:
+        time.sleep(1.0)  # rank 1 finishes its rollout late: rank 0 trains meanwhile
+    idle = trainer.train_until_all_done()
+    pre = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.sync()
+    torch.save(dict(pre=pre, post=trainer.model.state_dict(), serving=trainer.serving.state_dict(), idle=idle),
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sync_averages_across_ranks(tmp_path):
+    mp.spawn(_drafter_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    assert r[0]["idle"] > 0  # the early rank kept training until the late one finished
+    for k in r[0]["post"]:
+        assert not torch.equal(r[0]["pre"][k], r[1]["pre"][k]) or k.endswith("norm.weight")
+        assert torch.equal(r[0]["post"][k], r[1]["post"][k]) and torch.equal(r[0]["serving"][k], r[1]["serving"][k])
+        assert torch.equal(r[0]["serving"][k], r[0]["post"][k])
+        torch.testing.assert_close(r[0]["post"][k], (r[0]["pre"][k] + r[1]["pre"][k]) / 2)
+
+
+def test_checkpoint_roundtrip_and_export(tmp_path):
+    target = random_target()
+    a = SpotTrainer(Drafter.from_target(target), lr=1e-2, max_tokens=256, ckpt_dir=str(tmp_path / "auto"),
+                    ckpt_every=2)
+    fill(a, 0, 50, seed=0)
+    for _ in range(3):
+        a.train_step()
+    a.save(str(tmp_path / "ck"))
+    a.wait()
+    assert os.path.exists(tmp_path / "auto" / "model.safetensors")  # the periodic save (at step 2)
+    torch.manual_seed(123)  # a different initial drafter: everything must come from the checkpoint
+    b = SpotTrainer(Drafter.from_target(target), lr=1e-2, max_tokens=256)
+    b.buffer = a.buffer
+    b.load(str(tmp_path / "ck"))
+    assert b.opt_steps == a.opt_steps == 3 and b.data_step == a.data_step
+    for m in (b.model, b.serving):
+        assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), m.state_dict().values()))
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        assert all(torch.equal(sa["state"][i][k], sb["state"][i][k]) for k in sa["state"][i])
+    a.train_step(), b.train_step()  # same batch (rng restored), same update
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+    export(a.model, str(tmp_path / "export"))
+    from safetensors.torch import load_file
+    names = set(load_file(str(tmp_path / "export" / "model.safetensors")))
+    assert {"fc.weight", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight"} <= names
+    assert not any("input_layernorm" in n or "embed" in n or "lm_head" in n for n in names)
+    c = Drafter.load(str(tmp_path / "export"), target)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.state_dict().values()))
+
+
+# =========================================================================================================
+# GRPO (rl.py): answers and rewards, the loss, data and prompts
+
+
+class TinyLM(torch.nn.Module):
+    """Stand-in with the nanotlt model interface: hidden() = causal running mean of embeddings."""
+
+    def __init__(self, vocab=11, dim=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def hidden(self, ids):
+        x = self.emb(ids)  # [B, T, H]
+        return x.cumsum(1) / torch.arange(1, ids.shape[1] + 1, dtype=x.dtype)[:, None]
+
+    def logits(self, h):
+        return self.head(torch.tanh(h))
+
+    def forward(self, ids):
+        return self.logits(self.hidden(ids))
+
+
+# ----------------------------------------------------------------------------- answers and rewards
+
+def test_extract_answer():
+    assert rl.extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert rl.extract_answer("\\boxed{1} then \\boxed{ {a}+{b} }") == "{a}+{b}"  # last box, nested
+    assert rl.extract_answer("\\boxed {7}") == "7"
+    assert rl.extract_answer("steps 3 + 4\n#### 1,000.\nbye") == "1,000."
+    assert rl.extract_answer("1+1=2####72") == "72"  # the tiny task's format: no space
+    assert rl.extract_answer("we get 3, then -2.5 apples") == "-2.5"
+    assert rl.extract_answer("half is 1/2") == "1/2"
+    assert rl.extract_answer("no digits here") is None
+    assert rl.extract_answer("it is \\boxed{72") is None  # unclosed final box: no fallback to 72
+    assert rl.extract_answer("\\boxed{}") is None and rl.extract_answer("#### ") is None
+    assert rl.extract_answer("answer 5", fallback=False) is None
+
+
+def test_normalisation():
+    n = rl.normalize_answer
+    assert n("1,000") == n("1000") == n("1000.0") == n("$1000") == n("\\$1,000.00") == 1000
+    assert n("0.5") == n(".5") == n("1/2") == n("\\frac{1}{2}") == n("\\dfrac{1}{2}") == n("\\frac{2}{4}")
+    assert n("-\\frac{3}{4}") == n("-0.75")
+    assert n("5\\text{ cm}") == n("5") and n("72.") == 72 and n("50\\%") == 50
+    assert n("\\text{Monday}") == n("Monday")
+    assert n("\\left( 3, \\frac{\\pi}{2} \\right)") == n("(3,\\frac{\\pi}{2})")
+    assert n("1,2") != n("12")  # a pair, not a thousands separator
+    assert n("1/0") == "1/0" and n("1e999999999") == "1e999999999"  # stays text, no crash, no hang
+
+
+def test_rewards():
+    gold = "She sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72 clips.\n#### 72"
+    assert rl.math_reward("so \\boxed{72}", gold) == 1.0
+    assert rl.math_reward("the answer is 72.00", gold) == 1.0
+    assert rl.math_reward("#### 72.5", gold) == 0.0
+    assert rl.math_reward("\\boxed{72", gold) == 0.0  # malformed
+    assert rl.math_reward("", gold) == 0.0
+    assert rl.math_reward("\\boxed{0.5}", "\\frac{1}{2}") == 1.0  # a bare MATH gold is not re-extracted
+    assert rl.math_reward("\\boxed{2}", "\\frac{1}{2}") == 0.0
+    assert rl.math_reward("3 + 4 = 7\n####7", "####7") == 1.0
+    assert rl.format_reward("\\boxed{x}") == rl.format_reward("#### 3") == 1.0
+    assert rl.format_reward("just 3") == rl.format_reward("\\boxed{3") == 0.0
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+def test_group_advantages():
+    adv = rl.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1]), 4)
+    assert torch.allclose(adv, torch.tensor([1.0, -1, -1, 1, 0, 0, 0, 0]), atol=1e-5)
+    adv = rl.group_advantages(torch.tensor([3.0, 0, 0]), 3)  # mean 1, population std sqrt(2)
+    assert torch.allclose(adv, torch.tensor([2.0, -1, -1]) / math.sqrt(2), atol=1e-5)
+    with pytest.raises(AssertionError):
+        rl.group_advantages(torch.zeros(5), 4)
+
+
+def _example():
+    ratio = torch.tensor([[1.5, 1.0, 0.9], [0.5, 1.2, 1.0]])
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.5, -2.5]])
+    return old + ratio.log(), old, torch.tensor([1.0, -2.0]), torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+
+
+def test_policy_loss_by_hand():
+    logp, old, adv, mask = _example()
+    loss, m = rl.policy_loss(logp, old, adv, mask, n_tokens=5)
+    # row 0 (A=+1): 1.5 clipped to 1.28, 1.0, 0.9 (inside)   -> objective 1.28 + 1.0 + 0.9
+    # row 1 (A=-2): 0.5 clipped to 0.8 -> -1.6, 1.2 -> -2.4, third token masked
+    assert loss.item() == pytest.approx(-(1.28 + 1.0 + 0.9 - 1.6 - 2.4) / 5, abs=1e-6)
+    assert m["clip_frac"].item() == pytest.approx(2 / 5)
+    assert m["ratio_mean"].item() == pytest.approx((1.5 + 1.0 + 0.9 + 0.5 + 1.2) / 5, abs=1e-6)
+    # a negative advantage with a high ratio is not clipped (min picks the unclipped -3)
+    loss, m = rl.policy_loss(torch.tensor([[math.log(1.5)]]), torch.zeros(1, 1), torch.tensor([-2.0]),
+                             torch.ones(1, 1), n_tokens=1)
+    assert loss.item() == pytest.approx(3.0, abs=1e-6) and m["clip_frac"].item() == 0.0
+
+
+def test_policy_loss_gradient_at_ratio_one():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.5, -2.5]], requires_grad=True)
+    adv, mask = torch.tensor([1.0, -2.0]), torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    loss, m = rl.policy_loss(logp, logp.detach(), adv, mask, n_tokens=5)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(3 * 1.0 - 2 * 2.0) / 5)
+    assert torch.allclose(logp.grad, -adv[:, None] * mask / 5)  # the plain policy gradient
+    assert m["ratio_mean"].item() == 1.0 and m["clip_frac"].item() == 0.0
+
+
+def test_policy_loss_micro_batches_match_full_batch():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 6, requires_grad=True)
+    old = logp.detach() + 0.3 * torch.randn(4, 6)
+    adv = torch.randn(4)
+    mask = (torch.rand(4, 6) > 0.3).float()
+    n = int(mask.sum())
+    rl.policy_loss(logp, old, adv, mask, n)[0].backward()
+    full = logp.grad.clone()
+    logp.grad = None
+    for sl in (slice(0, 1), slice(1, 4)):  # uneven micro-batches, same global n_tokens
+        rl.policy_loss(logp[sl], old[sl], adv[sl], mask[sl], n)[0].backward()
+    assert torch.allclose(logp.grad, full, atol=1e-6)
+
+
+def test_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = logp + torch.tensor([[math.log(2.0), 0.0]])  # ref - logp = ln 2 -> 2 - ln 2 - 1
+    loss, m = rl.policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 2), n_tokens=4, ref_logp=ref,
+                             kl_coef=0.5)
+    assert loss.item() == pytest.approx(0.5 * (1 - math.log(2)) / 4, abs=1e-6)
+    assert m["kl"].item() == pytest.approx((1 - math.log(2)) / 2, abs=1e-6)
+    assert "kl" not in rl.policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 2), 2)[1]
+
+
+def test_mask_truncated():
+    mask = torch.ones(3, 2)
+    out = rl.mask_truncated(mask, torch.tensor([False, True, False]))
+    assert out.tolist() == [[1, 1], [0, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 100])
+def test_token_logprobs_matches_full_logits(chunk):
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids = torch.randint(0, 11, (2, 9))
+    ref = model(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [2, 8]
+    with torch.no_grad():
+        logp, h = rl.token_logprobs(model, ids, chunk=chunk)
+    assert logp.shape == (2, 8) and h.shape == (2, 9, 8)
+    assert torch.allclose(logp, ref, atol=1e-6) and torch.allclose(h, model.hidden(ids))
+    # with grad (chunks checkpointed): same values and same gradients as the direct computation
+    logp, _ = rl.token_logprobs(model, ids, chunk=chunk)
+    assert torch.allclose(logp, ref, atol=1e-6)
+    g1 = torch.autograd.grad(logp.sum(), list(model.parameters()))
+    g2 = torch.autograd.grad(ref.sum(), list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+
+
+# ----------------------------------------------------------------------------- data and prompts
+
+def test_load_rows(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text("\n".join([
+        '{"prompt": "1+1?", "answer": "2"}',
+        '{"prompt": "2+2?", "answer": 4}',                      # a number: kept as text
+        '{"prompt": "", "answer": "3"}',                        # empty prompt
+        '{"prompt": "x?"}',                                     # missing answer
+        '{"prompt": null, "answer": "5"}',                      # null prompt
+        '{"prompt": ["a"], "answer": "6"}',                     # non-text prompt
+        '{"prompt": "sum?", "answer": "1+2=3\\n#### 3"}',       # full solution -> final answer
+        '{"prompt": "half?", "answer": "so \\\\boxed{\\\\frac{1}{2}}"}',
+        '{"prompt": "bad?", "answer": "\\\\boxed{7"}',          # malformed gold
+    ]) + "\n")
+    rows, bad = rl.load_rows(str(f))
+    assert bad == 5
+    assert rows == [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": "4"},
+                    {"prompt": "sum?", "answer": "3"}, {"prompt": "half?", "answer": "\\frac{1}{2}"}]
+
+
+def test_load_rows_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "allbad.jsonl").write_text('{"prompt": "", "answer": "1"}\n')
+    for src in [tmp_path / "empty.jsonl", tmp_path / "missing.jsonl", tmp_path / "allbad.jsonl",
+                "no-such-org/no-such-dataset-xyz"]:
+        with pytest.raises(ValueError, match="dataset") as e:
+            rl.load_rows(str(src))
+        assert "\n" not in str(e.value)
+
+
+def test_encode_prompt():
+    class CharTok:  # the tiny preset's kind of tokenizer
+        chat_template = None
+
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+    assert rl.encode_prompt(CharTok(), "hi") == [104, 105]
+    assert rl.encode_prompt(CharTok(), "hi", system="S") == [ord(c) for c in "S\n\nhi"]
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<s>", "<unk>", "sys:", "user:", "assistant:", "hi", "be", "nice"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<unk>")
+    tok.chat_template = ("<s> {% for m in messages %}{{ 'sys:' if m.role == 'system' else 'user:' }} "
+                         "{{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    assert rl.encode_prompt(tok, "hi") == [0, 3, 5, 4]
+    assert rl.encode_prompt(tok, "hi", system="be nice") == [0, 2, 6, 7, 3, 5, 4]
+
+
+# =========================================================================================================
+# training loop (train.py)
+
+
+SMALL = ["--preset", "tiny", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "48",
+         "--eval_every", "0", "--save_every", "0", "--drafter_min_steps", "3", "--drafter_tokens", "512",
+         "--sd_threshold", "8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny):
+    """The tiny preset's cache dir, also in $NANOTLT_CACHE (where train.py's --preset tiny finds it)."""
+    assert os.environ["NANOTLT_CACHE"] == tiny.cache
+    return tiny.cache
+
+
+def run(args, tmp_path, name="run"):
+    cfg, _ = train.parse_args(SMALL + ["--out", str(tmp_path / name)] + args)
+    return cfg, train.train(cfg, log=lambda *a: None)
+
+
+def test_rl_steps_learn_something(tiny_cache, tmp_path):
+    before = nanotlt.tiny_preset(tiny_cache)[0].state_dict()
+    cfg, (history, policy, drafter) = run(["--steps", "2"], tmp_path)
+    lines = [json.loads(l) for l in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert [m["step"] for m in lines] == [0, 1]
+    for key in ("step", "reward_mean", "accuracy", "response_len_mean", "response_len_max", "rollout_s", "step_s",
+                "sd_accept_len", "sd_token_frac", "drafter_train_steps", "drafter_loss", "tail_s", "loss"):
+        assert all(key in m and math.isfinite(m[key]) for m in lines), key
+    assert all(m["drafter_train_steps"] >= 3 for m in lines)  # the spot trainer ran every step
+    assert any(m["sd_token_frac"] > 0 for m in lines)  # SD ran in the tail
+    after = policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the update moved the policy
+
+
+def test_resume_continues_exactly(tiny_cache, tmp_path):
+    _, (full, _, _) = run(["--steps", "3", "--save_every", "1"], tmp_path, "full")
+    run(["--steps", "2", "--save_every", "1"], tmp_path, "cut")
+    cfg, (resumed, _, _) = run(["--steps", "3", "--resume"], tmp_path, "cut")
+    assert [h["step"] for h in resumed] == [2]
+    for key in ("reward_mean", "response_len_mean", "response_len_max", "loss", "tokens"):
+        assert resumed[0][key] == full[2][key], key
+    assert [json.loads(l)["step"] for l in open(os.path.join(cfg.out, "metrics.jsonl"))] == [0, 1, 2]
+    # the policy checkpoint is a plain HF checkpoint
+    from transformers import AutoModelForCausalLM
+    ckpt = os.path.join(cfg.out, "ckpt", open(os.path.join(cfg.out, "ckpt", "latest")).read(), "policy")
+    assert AutoModelForCausalLM.from_pretrained(ckpt).config.num_hidden_layers == nanotlt.tiny_args().n_layers
+
+
+def _train_rank(rank, world, port, out, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    rank, world = train.setup_distributed()
+    cfg, _ = train.parse_args(SMALL + ["--steps", "1", "--out", out])
+    history, policy, drafter = train.train(cfg, rank, world, log=lambda *a: None)
+    torch.save({"policy": policy.state_dict(), "drafter": drafter.state_dict(), "digests":
+                [t["digest"] for t in history[0]["timelines"]]}, f"{result}.{rank}")
+    train.dist.destroy_process_group()
+
+
+def test_two_ranks_hold_identical_weights(tiny_cache, tmp_path):
+    mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "result")), nprocs=2)
+    r0, r1 = (torch.load(f"{tmp_path}/result.{r}", weights_only=True) for r in (0, 1))
+    for part in ("policy", "drafter"):
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    assert r0["digests"] == r1["digests"] and r0["digests"][0] != r0["digests"][1]  # each its own prompts
+
+
+def test_bad_input_exits_with_one_line(tiny_cache, tmp_path):
+    for argv, words in [(["--bogus", "1"], "unknown argument"), (["--preset", "huge"], "unknown preset"),
+                        (["--steps", "x"], "takes a int"),
+                        (["--preset", "tiny", "--dataset", str(tmp_path / "none.jsonl")], "cannot load dataset"),
+                        (["--preset", "tiny", "--max_new_tokens", "5000"], "no room for a prompt")]:
+        p = subprocess.run([sys.executable, "train.py", *argv, "--out", str(tmp_path / "o")], capture_output=True,
+                           text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)), timeout=120)
+        assert p.returncode != 0 and words in p.stderr.strip().splitlines()[-1], (argv, p.stderr[-300:])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1+" * 600 + "1=", "answer": "601"}) + "\n")
+    cfg, _ = train.parse_args(SMALL + ["--dataset", str(long), "--eval_dataset", str(long), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="longer than the context"):
+        train.train(cfg, log=lambda *a: None)
