@@ -273,15 +273,20 @@ def ngram_draft(st, slots, depth, n_max=3):
 
 @dataclass(frozen=True)
 class Arm:
-    drafter: str  # "model" (the learned drafter) or "ngram" (the model-free fallback)
+    drafter: str  # "model" (the learned drafter), "ngram" (the model-free fallback) or "plain" (no SD)
     depth: int
     topk: int
     verify_tokens: int
 
 
+# "plain" is an arm too: where SD does not pay (a big bucket, a poor drafter, a CPU) the bandit learns to decode
 DEFAULT_ARMS = (Arm("model", 3, 2, 6), Arm("model", 5, 4, 12), Arm("model", 6, 4, 24), Arm("model", 8, 4, 48),
-                Arm("ngram", 3, 1, 4), Arm("ngram", 6, 1, 7))
+                Arm("ngram", 3, 1, 4), Arm("ngram", 6, 1, 7), Arm("plain", 0, 1, 1))
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def default_arms(learned):  # the learned drafter's shapes only when there is one
+    return [a for a in DEFAULT_ARMS if learned or a.drafter != "model"]
 
 
 def bucket(rows):
@@ -452,7 +457,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     if draft_depth is not None:
         arms = [Arm("model" if learned else "ngram", draft_depth, draft_topk or 1, verify_tokens or draft_depth + 1)]
     else:
-        arms = [a for a in DEFAULT_ARMS if learned or a.drafter == "ngram"]
+        arms = default_arms(learned)
     bandit = bandit or Bandit(arms, seed=seed)
     slack = max(a.verify_tokens + a.depth * a.topk for a in bandit.arms) + 2  # what one step may write past lens
     L = max(len(p) for p in prompts) + max_new_tokens + slack
@@ -480,13 +485,13 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
         while active:
             B, step_t0 = len(active), time.perf_counter()
             slots = torch.tensor(active, device=dev)
-            use_sd = drafter is not None and B <= sd_threshold
+            arm = bandit.choose(B) if drafter is not None and B <= sd_threshold else None
+            use_sd = arm is not None and arm.drafter != "plain"
             if B <= sd_threshold and stats["tail_start_s"] is None:
                 stats["tail_start_s"] = step_t0 - t0
                 if on_tail is not None:
                     on_tail()
             if use_sd:
-                arm = bandit.choose(B)
                 if arm.drafter == "model" and learned:
                     tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs,
                                        todo=max(lag[i] for i in active))
@@ -508,8 +513,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
                         break
                 (finish(i) if outputs[i][-1] == eos_id or len(outputs[i]) >= max_new_tokens else still.append(i))
             active, dt = still, time.perf_counter() - step_t0
-            if use_sd:
+            if arm is not None:
                 bandit.update(B, arm, gained / dt)
+            if use_sd:
                 stats.update(verify_steps=stats["verify_steps"] + 1, sd_rows=stats["sd_rows"] + B,
                              sd_tokens=stats["sd_tokens"] + gained)
             stats["tail_s"] += dt if stats["tail_start_s"] is not None else 0.0
@@ -581,7 +587,7 @@ def bench():
         kw = dict(temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_token_id,
                   cuda_graphs=not args.no_graphs)
         sd_kw = dict(kw, drafter=drafter, sd_threshold=b,
-                     bandit=Bandit([a for a in DEFAULT_ARMS if learned or a.drafter == "ngram"]))
+                     bandit=Bandit(default_arms(learned)))
         generate(model, ps, new_tokens, **kw)  # warm-up: allocator, kernels compiled, graphs captured
         generate(model, ps, new_tokens, **sd_kw)  # warm-up; the bandit explores and keeps what it learnt
         best = {}  # best of 3: a busy machine only ever slows a run down
