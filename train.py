@@ -68,9 +68,9 @@ class Config:
     grad_checkpointing: bool = True
 
 
-TINY = dict(model="tiny", dataset="tiny", steps=20, prompts_per_step=16, group_size=8, max_new_tokens=256,
-            lr=1e-4, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3, drafter_tokens=2048,
-            drafter_min_steps=40, tail_training=False, eval_every=5, eval_prompts=128, save_every=5, cuda_graphs=False,
+TINY = dict(model="tiny", dataset="tiny", steps=30, prompts_per_step=32, group_size=8, max_new_tokens=256,
+            lr=3e-5, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3, drafter_tokens=2048,
+            drafter_min_steps=20, tail_training=False, eval_every=5, eval_prompts=128, save_every=5, cuda_graphs=False,
             grad_checkpointing=False)
 
 
@@ -176,7 +176,7 @@ def step_prompts(rows, cfg, step, rank, world):
     return [(step * P + i, rows[idx[i]]) for i in range(rank * per_rank, (rank + 1) * per_rank)]
 
 
-def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False):
+def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False, **kw):
     """Generate G samples per prompt. Returns outputs, the flat (global sample id, row) list and stats."""
     G = 1 if greedy else cfg.group_size
     samples = [(gid * G + g, row) for gid, row in rows for g in range(G)]
@@ -186,16 +186,15 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
         on_finish = lambda i, tokens, hidden: trainer.buffer.add(step, tokens, hidden, len(samples[i][1]["ids"]))
     outputs, stats = generate(infer, [r["ids"] for _, r in samples], cfg.max_new_tokens,
                               0.0 if greedy else cfg.temperature, cfg.top_p, cfg.seed, tok.eos_token_id,
-                              drafter=drafter, sd_threshold=cfg.sd_threshold, bandit=bandit,
                               seq_ids=[s for s, _ in samples], group_ids=[s // G for s, _ in samples],
-                              cuda_graphs=cfg.cuda_graphs, on_tail=on_tail, on_finish=on_finish, progress=progress)
+                              cuda_graphs=cfg.cuda_graphs, on_tail=on_tail, on_finish=on_finish, progress=progress,
+                              **{**dict(drafter=drafter, sd_threshold=cfg.sd_threshold, bandit=bandit), **kw})
     return outputs, samples, stats
 
 
 def update(cfg, policy, opt, samples, outputs, adv, world, progress=False):
     """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
     response tokens, gradients summed across ranks. Returns the mean loss and a finite flag."""
-    eos = None
     seqs = []  # (input ids, first response position, response length, advantage)
     for (_, row), out, a in zip(samples, outputs, adv.tolist()):
         seqs.append((row["ids"] + out, len(row["ids"]), len(out), a))
@@ -250,12 +249,16 @@ def copy_weights(src, dst):
 
 
 def evaluate(cfg, infer, tok, rows, drafter, rank, world, device):
-    """Greedy accuracy on held-out prompts, split across ranks."""
+    """Greedy accuracy on held-out prompts (split across ranks) and, with a drafter, its acceptance length on
+    them with one fixed tree shape for all rows (the bandit's choices would blur how well the drafter follows)."""
     rows = rows[:cfg.eval_prompts]
     mine = [(i, r) for i, r in enumerate(rows) if i % world == rank]
-    outs, samples, _ = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True)
+    sd = dict(sd_threshold=len(mine), draft_depth=6, draft_topk=4, verify_tokens=16) if drafter is not None else {}
+    outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd)
     correct = sum(rl.math_reward(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, (_, r) in zip(outs, samples))
-    return float(all_reduce(torch.tensor(float(correct), device=device))) / max(1, len(rows))
+    s = all_reduce(torch.tensor([float(correct), stats["sd_tokens"], stats["sd_rows"]], device=device)).tolist()
+    out = dict(eval_accuracy=s[0] / max(1, len(rows)))
+    return dict(out, eval_accept_len=s[1] / max(1, s[2])) if drafter is not None else out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,7 +344,16 @@ def train(cfg, rank=0, world=1, log=print):
         with open(metrics_path, "w") as f:  # on resume, drop what was logged after the checkpoint
             f.writelines(l for l in kept if json.loads(l)["step"] < start)
     history = []
-    for step in range(start, cfg.steps):
+    for step in range(start, cfg.steps + 1):
+        # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
+        evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device) if cfg.eval_every and (
+            step % cfg.eval_every == 0 or step == cfg.steps) else {}
+        if step == cfg.steps:
+            if evals and rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(dict(step=step, **evals)) + "\n")
+                log(f"final | " + " | ".join(f"{k} {v:.3f}" for k, v in evals.items()))
+            break
         t0 = time.perf_counter()
         outputs, samples, rs = rollout(cfg, infer, tok, step_prompts(rows, cfg, step, rank, world), drafter,
                                        trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty())
@@ -379,9 +391,7 @@ def train(cfg, rank=0, world=1, log=print):
                    drafter_train_steps=int(s[6] + s[7] + s[10]), drafter_tail_steps=int(s[6]),
                    drafter_idle_steps=int(s[7]), drafter_topup_steps=int(s[10]),
                    drafter_loss=s[8] / world, tail_s=m[2], loss=loss, tokens=int(s[9]),
-                   truncated=sum(truncated), arms={str(k): v for k, v in rs["arms"].items()})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            rec["eval_accuracy"] = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device)
+                   truncated=sum(truncated), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
         digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
         timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
                         idle_end=idle_end, digest=digest)
@@ -398,7 +408,7 @@ def train(cfg, rank=0, world=1, log=print):
                 f"(max {rec['response_len_max']}) | rollout {rec['rollout_s']:6.2f}s tail {rec['tail_s']:5.2f}s | "
                 f"accept {rec['sd_accept_len']:.2f} | drafter {rec['drafter_train_steps']} steps loss "
                 f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
-                + (f" | eval acc {rec['eval_accuracy']:.3f}" if "eval_accuracy" in rec else ""))
+                + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(cfg, step, policy, opt, trainer, rank)
     return history, policy, drafter
