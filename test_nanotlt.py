@@ -261,6 +261,19 @@ HF_CONFIGS = {
 }
 
 
+def test_tiny_preset_is_long_tailed_and_imperfect(tiny):
+    """The synthetic task has long-tailed solutions, its checker is the math reward, and the warm-up leaves a
+    model that is right often but not always (room for GRPO)."""
+    rows, bad = rl.load_rows(os.path.join(tiny.data_dir, "test.jsonl"))
+    solutions = [json.loads(line)["solution"] for line in open(os.path.join(tiny.data_dir, "train.jsonl"))]
+    lens = sorted(map(len, solutions))
+    assert bad == 0 and lens[int(0.99 * (len(lens) - 1))] >= 4 * lens[len(lens) // 2]
+    assert all(rl.math_reward(s, s.rsplit("####", 1)[1]) == 1.0 for s in solutions[:200])
+    outs, _ = sd.generate(tiny.model, tiny.test[:128], 256, eos_id=tiny.tok.eos_token_id)
+    acc = sum(rl.math_reward(tiny.tok.decode(o), r["answer"]) for o, r in zip(outs, rows)) / len(outs)
+    assert 0.2 <= acc <= 0.7, acc
+
+
 @pytest.mark.parametrize("name", HF_CONFIGS)
 def test_logits_match_transformers(tmp_path, name):
     kind, kw = HF_CONFIGS[name]

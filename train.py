@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -352,7 +351,7 @@ def train(cfg, rank=0, world=1, log=print):
             if evals and rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(dict(step=step, **evals)) + "\n")
-                log(f"final | " + " | ".join(f"{k} {v:.3f}" for k, v in evals.items()))
+                log("final | " + " | ".join(f"{k} {v:.3f}" for k, v in evals.items()))
             break
         t0 = time.perf_counter()
         outputs, samples, rs = rollout(cfg, infer, tok, step_prompts(rows, cfg, step, rank, world), drafter,
@@ -380,7 +379,8 @@ def train(cfg, rank=0, world=1, log=print):
         sums = all_reduce(torch.tensor([rewards.sum().item(), (rewards == 1).sum().item(), len(lens), sum(lens),
                                         rs["sd_tokens"], rs["sd_rows"], tstats.get("tail_steps", 0),
                                         tstats.get("idle_steps", 0), tstats.get("loss", 0.0), rs["tokens"],
-                                        tstats.get("topup_steps", 0)],
+                                        tstats.get("topup_steps", 0), tstats.get("train_s", 0.0),
+                                        tstats.get("stop_wait_s", 0.0)],
                                        dtype=torch.float64, device=device))
         maxs = all_reduce(torch.tensor([max(lens), rollout_end, rs["tail_s"], time.perf_counter() - t0],
                                        dtype=torch.float64, device=device), dist.ReduceOp.MAX if world > 1 else None)
@@ -389,12 +389,13 @@ def train(cfg, rank=0, world=1, log=print):
                    response_len_max=int(m[0]), rollout_s=m[1], step_s=time.perf_counter() - t0,
                    sd_accept_len=s[4] / max(1, s[5]), sd_token_frac=s[4] / max(1, s[9]),
                    drafter_train_steps=int(s[6] + s[7] + s[10]), drafter_tail_steps=int(s[6]),
-                   drafter_idle_steps=int(s[7]), drafter_topup_steps=int(s[10]),
+                   drafter_idle_steps=int(s[7]), drafter_topup_steps=int(s[10]), drafter_train_s=s[11] / world,
+                   drafter_stop_wait_s=s[12] / world,  # the rollout waiting for a running drafter step to end
                    drafter_loss=s[8] / world, tail_s=m[2], loss=loss, tokens=int(s[9]),
                    truncated=sum(truncated), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
         digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
         timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
-                        idle_end=idle_end, digest=digest)
+                        idle_end=idle_end, digest=digest, tail_training=trainer is not None and cfg.tail_training)
         timelines = [None] * world
         if world > 1:
             dist.all_gather_object(timelines, timeline)
@@ -419,7 +420,8 @@ def train(cfg, rank=0, world=1, log=print):
 
 
 def plot_timeline(runs, path):
-    """Active rows over time on each rank for one step, SD off above SD on; shaded: SD on, drafter training."""
+    """Active rows over time on each rank for one step, SD off above SD on; shaded: steps that drafted; bars:
+    when the drafter trained (in the tail, or after this rank's rollout)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -431,18 +433,20 @@ def plot_timeline(runs, path):
         for rank, tl in enumerate(timelines):
             t = [p[0] for p in tl["steps"]] + [tl["rollout_end"]]
             rows = [p[1] for p in tl["steps"]]
-            ax.step(t[:-1] + [t[-1]], rows + [0], where="post", label=f"rank {rank} active rows")
+            line, = ax.step(t[:-1] + [t[-1]], rows + [0], where="post", label=f"rank {rank} active rows")
+            bar = dict(ymin=0.92 - 0.07 * rank, ymax=0.98 - 0.07 * rank, color=line.get_color())  # one lane per rank
             sd = [(a[0], b[0]) for a, b in zip(tl["steps"], tl["steps"][1:] + [(tl["rollout_end"],)]) if a[2]]
             for i, (a, b) in enumerate(sd):
-                ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0, label="SD on" if i == 0 and rank == 0 else None)
-            if tl["tail_start"] is not None and name.endswith("on"):
-                ax.axvspan(tl["tail_start"], tl["rollout_end"], ymin=0.9, color="tab:orange", alpha=0.6,
-                           label="drafter trains (tail)" if rank == 0 else None)
-                ax.axvspan(tl["rollout_end"], tl["idle_end"], ymin=0.9, color="tab:red", alpha=0.6,
-                           label="drafter trains (idle)" if rank == 0 else None)
+                ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0, label="SD step" if i == 0 and rank == 0 else None)
+            if tl["tail_training"] and tl["tail_start"] is not None:
+                ax.axvspan(tl["tail_start"], tl["rollout_end"], alpha=0.35, hatch="//", **bar,
+                           label=f"rank {rank}: drafter trains in the tail")
+            if tl["idle_end"] > tl["rollout_end"] + 1e-3:
+                ax.axvspan(tl["rollout_end"], tl["idle_end"], alpha=0.6, **bar,
+                           label=f"rank {rank}: drafter trains after its rollout (idle, top-up)")
         ax.set_title(name)
         ax.set_ylabel("active rows")
-        ax.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="center right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds into the rollout")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
