@@ -364,6 +364,11 @@ def export(drafter, out_dir, architecture=None):
 # Offline warm-up: the target writes its own training text (self-distillation), the drafter learns it.
 
 
+GENERIC_PROMPTS = ("Explain how a rainbow forms.", "Why is the sky blue?", "Write a short story about a lighthouse.",
+                   "List five uses of a paperclip.", "What is 17 * 23?", "How does a bicycle stay upright?",
+                   "Summarise the rules of chess.", "How do vaccines work?")  # for models other than the tiny one
+
+
 def self_generated(target, prompts, max_new, eos, seed=0, batch=256):
     """The target's own sampled responses (temperature 1) with its hidden states: [(tokens, hidden, n_prompt)]."""
     from spec_decode import generate
@@ -405,9 +410,7 @@ def main():
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         target = nanotlt.Transformer.from_pretrained(args.model, device, dtype)
         tok = nanotlt.load_tokenizer(args.model)
-        prompts = [rl.encode_prompt(tok, p) for p in ("Explain how a rainbow forms.", "Why is the sky blue?",
-                   "Write a short story about a lighthouse.", "List five uses of a paperclip.", "What is 17 * 23?",
-                   "How does a bicycle stay upright?", "Summarise the rules of chess.", "How do vaccines work?")]
+        prompts = [rl.encode_prompt(tok, p) for p in GENERIC_PROMPTS]
         train, test = prompts[:-2] * 4, prompts[-2:]  # 4 samples per prompt: sampling makes them differ
     target.requires_grad_(False)
     drafter = Drafter.from_target(target)
