@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanotlt import Block, Ctx, rope_cos_sin, rope_inv_freq, setup_cache
+from nanotlt import Block, Ctx, rope_cos_sin, rope_inv_freq, save_safetensors, setup_cache
 
 
 class Drafter(nn.Module):
@@ -328,11 +328,10 @@ class SpotTrainer:
 
 
 def write_checkpoint(path, weights, state):
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     meta = {"opt_steps": str(state["opt_steps"])}  # load() checks that both files are from the same step
     for name, write in (("trainer.pt", lambda f: torch.save(state, f)),
-                        ("model.safetensors", lambda f: save_file(weights, f, meta))):
+                        ("model.safetensors", lambda f: save_safetensors(weights, f, meta))):
         write(os.path.join(path, name + ".tmp"))
         os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
 
@@ -343,7 +342,6 @@ def export(drafter, out_dir, architecture=None):
     layers.0.self_attn.q_proj.weight, ...; no input_layernorm). No embedding and no LM head: EAGLE-1 drafters
     in SGLang / vLLM take both from the target. `architecture` overrides the name an engine may want (SGLang's
     EAGLE-1 drafts are "LlamaForCausalLMEagle" / "Qwen2ForCausalLMEagle")."""
-    from safetensors.torch import save_file
     a, dtype = drafter.target.args, drafter.fc.weight.dtype
     qwen = getattr(a, "arch", "qwen2" if a.qkv_bias else "llama") == "qwen2"
     cfg = dict(architectures=[architecture or ("Qwen2ForCausalLM" if qwen else "LlamaForCausalLM")],
@@ -356,8 +354,7 @@ def export(drafter, out_dir, architecture=None):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in drafter.state_dict().items()},
-              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(drafter.state_dict(), os.path.join(out_dir, "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,6 +377,22 @@ def self_generated(target, prompts, max_new, eos, seed=0, batch=256):
     return data
 
 
+def train_offline(target, prompts, eos, steps=300, lr=3e-3, batch_tokens=2048, max_new=256, progress=False):
+    """A drafter trained on the target's own sampled responses to `prompts` (self-distillation), with the learning
+    rate decaying linearly to 10%. Returns the trainer; its serving drafter holds the trained weights."""
+    from tqdm import tqdm
+    trainer = SpotTrainer(Drafter.from_target(target), lr=lr, max_tokens=batch_tokens)
+    for tokens, hidden, n_prompt in self_generated(target, prompts, max_new, eos):
+        trainer.buffer.add(0, tokens, hidden, n_prompt)
+    for i in (bar := tqdm(range(steps), desc="drafter", disable=not progress)):
+        for g in trainer.opt.param_groups:  # the last steps polish
+            g["lr"] = lr * (1 - 0.9 * i / steps)
+        trainer.train_step()
+        bar.set_postfix(loss=f"{trainer.losses[-1]:.3f}")
+    trainer.sync()  # the trained copy becomes the serving drafter
+    return trainer
+
+
 def accept_len(target, drafter, prompts, max_new, eos, depth=6, topk=4, verify=16):
     """Tokens committed per row per verify step, greedy, one fixed tree shape, SD from the first token."""
     from spec_decode import generate
@@ -390,7 +403,6 @@ def accept_len(target, drafter, prompts, max_new, eos, depth=6, topk=4, verify=1
 def main():
     import nanotlt
     import rl
-    from tqdm import tqdm
     ap = argparse.ArgumentParser(description="Train an EAGLE drafter offline on the target's own text.")
     ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint (default: the tiny offline preset)")
     ap.add_argument("--steps", type=int, default=300)
@@ -413,23 +425,14 @@ def main():
         prompts = [rl.encode_prompt(tok, p) for p in GENERIC_PROMPTS]
         train, test = prompts[:-2] * 4, prompts[-2:]  # 4 samples per prompt: sampling makes them differ
     target.requires_grad_(False)
-    drafter = Drafter.from_target(target)
-    trainer = SpotTrainer(drafter, lr=args.lr, max_tokens=args.batch_tokens)
-    data = self_generated(target, train, args.max_new_tokens, tok.eos_token_id)
-    for tokens, hidden, n_prompt in data:
-        trainer.buffer.add(0, tokens, hidden, n_prompt)
-    before = accept_len(target, drafter, test, args.max_new_tokens, tok.eos_token_id)
-    for i in (bar := tqdm(range(args.steps), desc="drafter")):
-        for g in trainer.opt.param_groups:  # linear decay to 10%: the last steps polish
-            g["lr"] = args.lr * (1 - 0.9 * i / args.steps)
-        trainer.train_step()
-        bar.set_postfix(loss=f"{trainer.losses[-1]:.3f}")
-    trainer.sync()  # the trained copy becomes the serving drafter
-    after = accept_len(target, drafter, test, args.max_new_tokens, tok.eos_token_id)
+    before = accept_len(target, Drafter.from_target(target), test, args.max_new_tokens, tok.eos_token_id)
+    trainer = train_offline(target, train, tok.eos_token_id, args.steps, args.lr, args.batch_tokens,
+                            args.max_new_tokens, progress=True)
+    after = accept_len(target, trainer.serving, test, args.max_new_tokens, tok.eos_token_id)
     trainer.save(os.path.join(args.out, "checkpoint"))
-    export(drafter, args.out)
+    export(trainer.serving, args.out)
     print(json.dumps(dict(accept_len_before=round(before, 3), accept_len_after=round(after, 3), steps=args.steps,
-                          train_tokens=sum(len(t) for t, _, _ in data), out=args.out,
+                          train_tokens=trainer.buffer.n_tokens, out=args.out,
                           seconds=round(time.time() - t0, 1))))
 
 

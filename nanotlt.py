@@ -262,14 +262,20 @@ class Transformer(nn.Module):
         return model.eval()
 
 
+def save_safetensors(state, path, metadata=None):
+    from safetensors.torch import save_file
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, path,
+              {"format": "pt", **(metadata or {})})
+    os.chmod(path, 0o644)  # safetensors writes 0600: a serving engine running as another user could not read it
+
+
 def save_pretrained(model, out_dir):
     """Write config.json + model.safetensors in HF's layout (names prefixed with "model.")."""
-    from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     model.args.to_hf().save_pretrained(out_dir)
-    state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
-             for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.args.tie_embeddings)}
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors({("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()
+                      if not (k == "lm_head.weight" and model.args.tie_embeddings)},
+                     os.path.join(out_dir, "model.safetensors"))
 
 
 def load_tokenizer(name_or_path):

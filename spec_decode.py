@@ -533,19 +533,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
 
 
 def tiny_drafter(model, prompts, eos_id, path, steps=100, max_new=128):
-    """A drafter for the CPU bench and tests: trained briefly with drafter.py's trainer on the target's own
-    rollouts of `prompts`, exported to the directory `path`, and loaded from there the next time."""
+    """A drafter for the CPU bench, trained once with drafter.py on the target's own rollouts of `prompts`,
+    exported to `path` and loaded from there the next time."""
     import drafter as D
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return D.Drafter.load(path, model).eval()
-    trainer = D.SpotTrainer(D.Drafter.from_target(model), lr=3e-3, max_tokens=2048)
-    for tokens, hidden, n_prompt in D.self_generated(model, prompts, max_new, eos_id, seed=0):
-        trainer.buffer.add(0, tokens, hidden, n_prompt)
-    for _ in range(steps):
-        trainer.train_step()
-    trainer.sync()  # the trained weights into the serving drafter
-    D.export(trainer.serving, path)
-    return trainer.serving.eval()
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        D.export(D.train_offline(model, prompts, eos_id, steps, max_new=max_new).serving, path)
+    return D.Drafter.load(path, model).eval()
 
 
 def bench():
