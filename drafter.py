@@ -250,11 +250,12 @@ class SpotTrainer:
             e, self._error = self._error, None
             raise e
 
-    def train_until_all_done(self, group=None, idle_steps=0):
-        """This rank's rollout is over: train (phase "idle") until every rank's is. An async all-reduce
-        completes once the last rank posts it; it is polled before each step. Without torch.distributed:
-        `idle_steps` steps. Returns the idle steps run."""
+    def train_until_all_done(self, step, group=None, idle_steps=0):
+        """This rank's rollout (of RL step `step`) is over: train (phase "idle") on its data until every rank's
+        is. An async all-reduce completes once the last rank posts it; it is polled before each step. Without
+        torch.distributed: `idle_steps` steps. Returns the idle steps run."""
         self.stop()
+        self.data_step = step
         n0 = self.counts.get("idle_steps", 0)
         if dist.is_available() and dist.is_initialized():
             flag = torch.ones(1, device=self.device if dist.get_backend(group) == "nccl" else "cpu")

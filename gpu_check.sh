@@ -40,7 +40,7 @@ tok.pre_tokenizer = pre_tokenizers.Whitespace()
 PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="w0").save_pretrained(sys.argv[1])
 PYEOF
 step spec_qwen15b_ngram $PY spec_decode.py --bench --model "$OUT/qwen15b" --drafter ngram --batch 1,8,32
-step train_bench_tiny $PY train.py --bench --preset tiny --steps 8 --cuda_graphs true --out "$OUT/train_bench"
+step train_bench_tiny $PY train.py --bench --preset tiny --steps 8 --cuda_graphs true --tail_training true --out "$OUT/train_bench"
 cp "$OUT/train_bench/timeline.png" "$OUT/timeline.png" 2>/dev/null
 rm -rf "$OUT/qwen15b" "$OUT/cache" "$OUT/train_bench" "$OUT/step.log"
 cat "$OUT/results.jsonl"

@@ -143,23 +143,24 @@ def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_hig
     return loss, metrics
 
 
-def _chunk_logprobs(model, h, targets):
-    logits = model.logits(h).float()  # [B, c, V] fp32: only one chunk's worth at a time
+def _chunk_logprobs(model, h, targets, temperature=1.0):
+    logits = model.logits(h).float() / temperature  # [B, c, V] fp32: only one chunk's worth at a time
     return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # [B, c]
 
 
-def token_logprobs(model, input_ids, chunk=1024):
+def token_logprobs(model, input_ids, chunk=1024, temperature=1.0):
     """logp[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]) and the hidden states h.
     The trunk runs once; the head runs on `chunk` positions at a time, so the [B, T, V] fp32 logits
     (V ~ 150k, T ~ 8k) never exist at once. With grad on, each chunk is checkpointed: backward
-    recomputes its logits instead of keeping them all alive. Returns (logp [B, T-1], h [B, T, H])."""
+    recomputes its logits instead of keeping them all alive. `temperature`: the log-probs of softmax(logits / T),
+    the distribution a rollout at temperature T sampled from. Returns (logp [B, T-1], h [B, T, H])."""
     h = model.hidden(input_ids)  # [B, T, H]
     T = input_ids.shape[1]
     grad = torch.is_grad_enabled() and h.requires_grad
     out = []
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
-        args = (model, h[:, s:e], input_ids[:, s + 1:e + 1])
+        args = (model, h[:, s:e], input_ids[:, s + 1:e + 1], temperature)
         out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
                    else _chunk_logprobs(*args))
     logp = torch.cat(out, 1) if out else h.new_zeros(input_ids.shape[0], 0)  # [B, T-1]

@@ -354,7 +354,8 @@ class GraphPool:
                 fn(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the spot trainer's thread may allocate and sync while this thread captures
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = fn(*static)
             self.pool, self.bytes = self.pool or graph.pool(), self.bytes + torch.cuda.memory_reserved() - before
             self.graphs[key] = (graph, static, out)

@@ -15,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the network: fail fast instead
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import copy
 import json
 import math
 import random
@@ -890,7 +891,7 @@ def _drafter_rank(rank, world, port, out):
         trainer.train_step()
     if rank == 1:
         time.sleep(1.0)  # rank 1 finishes its rollout late: rank 0 trains meanwhile
-    idle = trainer.train_until_all_done()
+    idle = trainer.train_until_all_done(0)
     pre = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.sync()
     torch.save(dict(pre=pre, post=trainer.model.state_dict(), serving=trainer.serving.state_dict(), idle=idle),
@@ -1095,6 +1096,11 @@ def test_token_logprobs_matches_full_logits(chunk):
     g1 = torch.autograd.grad(logp.sum(), list(model.parameters()))
     g2 = torch.autograd.grad(ref.sum(), list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    # at temperature T: the log-probs of softmax(logits / T), the distribution a rollout at T samples from
+    with torch.no_grad():
+        logp, _ = rl.token_logprobs(model, ids, chunk=chunk, temperature=0.5)
+    assert torch.allclose(logp, (model(ids)[:, :-1] / 0.5).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0],
+                          atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- data and prompts
@@ -1199,6 +1205,26 @@ def test_resume_continues_exactly(tiny_cache, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(ckpt).config.num_hidden_layers == nanotlt.tiny_args().n_layers
 
 
+def test_update_clips_against_the_behaviour_policy_and_adds_the_kl(tiny, monkeypatch):
+    """With several updates per rollout the ratio is taken against the rollout policy's log-probs, computed once
+    (so later updates see ratio != 1 and clipping can act); --kl_coef passes the frozen reference's log-probs."""
+    cfg, _ = train.parse_args(SMALL + ["--updates_per_rollout", "3", "--lr", "1e-3", "--kl_coef", "0.1"])
+    policy = copy.deepcopy(tiny.model).train().requires_grad_(True)
+    ref = copy.deepcopy(tiny.model)
+    samples = [(i, {"ids": p}) for i, p in enumerate(tiny.test[:4])]
+    outputs = [tiny.tok.encode("1+2=3;####3") + [tiny.tok.eos_token_id] for _ in samples]
+    calls, real = [], rl.policy_loss
+
+    def spy(logp, old_logp, *a, ref_logp=None, **kw):
+        calls.append(((logp - old_logp).abs().max().item(), ref_logp is not None, kw.get("kl_coef")))
+        return real(logp, old_logp, *a, ref_logp=ref_logp, **kw)
+    monkeypatch.setattr(rl, "policy_loss", spy)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    train.update(cfg, policy, ref, opt, samples, outputs, torch.tensor([1.0, -1.0, 1.0, -1.0]), world=1)
+    assert len(calls) == 3 and calls[0][0] < 1e-5 and calls[1][0] > 1e-3 and calls[2][0] > calls[1][0]
+    assert all(has_ref and coef == 0.1 for _, has_ref, coef in calls)
+
+
 def _train_rank(rank, world, port, out, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -1221,7 +1247,7 @@ def test_two_ranks_hold_identical_weights(tiny_cache, tmp_path):
 
 def test_bad_input_exits_with_one_line(tiny_cache, tmp_path):
     for argv, words in [(["--bogus", "1"], "unknown argument"), (["--preset", "huge"], "unknown preset"),
-                        (["--steps", "x"], "takes a int"),
+                        (["--steps", "x"], "takes a int"), (["--prompts_per_step=0"], "must be at least 1"),
                         (["--preset", "tiny", "--dataset", str(tmp_path / "none.jsonl")], "cannot load dataset"),
                         (["--preset", "tiny", "--max_new_tokens", "5000"], "no room for a prompt")]:
         p = subprocess.run([sys.executable, "train.py", *argv, "--out", str(tmp_path / "o")], capture_output=True,

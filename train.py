@@ -12,6 +12,7 @@ weights into the inference copy -> drafter averaged across ranks -> metrics -> c
 """
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -77,6 +78,7 @@ def parse_args(argv):
     """`--key value` for any Config field (`--flag` alone sets a bool); a preset's values apply first."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     given, i = {}, 0
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
     while i < len(argv):
         key = argv[i].removeprefix("--").replace("-", "_")
         if not argv[i].startswith("--") or key not in fields:
@@ -109,6 +111,9 @@ def parse_args(argv):
     cfg = Config(**{**(TINY if preset == "tiny" else {}), **given, "preset": preset})
     if cfg.sd not in ("on", "off"):
         raise ValueError(f"--sd takes on or off, got {cfg.sd!r}")
+    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_prompts"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
     return cfg, why
 
 
@@ -121,7 +126,8 @@ def setup_distributed():
         return 0, 1
     if not torch.cuda.is_available():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # machines without a network interface
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # long first steps (kernel compilation, graph capture, 8k-token tails) must not trip the default 10-minute timeout
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
@@ -191,9 +197,10 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
     return outputs, samples, stats
 
 
-def update(cfg, policy, opt, samples, outputs, adv, world, progress=False):
+def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
     """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
-    response tokens, gradients summed across ranks. Returns the mean loss and a finite flag."""
+    response tokens, gradients summed across ranks. Returns the loss summed over this rank's micro-batches (the
+    ranks' sums add up to the batch loss). Raises on every rank together if any rank's loss is not finite."""
     seqs = []  # (input ids, first response position, response length, advantage)
     for (_, row), out, a in zip(samples, outputs, adv.tolist()):
         seqs.append((row["ids"] + out, len(row["ids"]), len(out), a))
@@ -207,29 +214,34 @@ def update(cfg, policy, opt, samples, outputs, adv, world, progress=False):
             cur = []
         cur.append(i)
     batches.append(cur)
-    total, finite = torch.zeros((), device=device), torch.ones((), device=device)
+    batches = [[seqs[i] for i in b] for b in batches]
+    with torch.no_grad():  # the behaviour policy (for the clipped ratio) and the frozen reference (for the KL)
+        T = cfg.temperature or 1.0  # greedy rollouts: plain log-probs
+        old = [logprobs(policy, b, device, T)[0] for b in batches] if cfg.updates_per_rollout > 1 else None
+        refs = [logprobs(ref, b, device, T)[0] for b in batches] if ref is not None else None
+    total = torch.zeros((), device=device)
     for _ in range(cfg.updates_per_rollout):
-        old = {}
-        if cfg.updates_per_rollout > 1:  # the behaviour policy's log-probs, for the clipped ratio
-            with torch.no_grad():
-                old = {tuple(b): logprobs(policy, [seqs[i] for i in b], device)[0] for b in batches}
-        for b in (batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
-            logp, mask, a = logprobs(policy, [seqs[i] for i in b], device)
-            loss, _ = rl.policy_loss(logp, old.get(tuple(b), logp.detach()), a, mask, n_tokens)
+        for j, b in enumerate(batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
+            logp, mask, a = logprobs(policy, b, device, T)
+            loss, _ = rl.policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
+                                     ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
             loss.backward()
             total += loss.detach()
-            finite *= torch.isfinite(loss.detach())
-        grads = [p.grad for p in policy.parameters() if p.grad is not None]
+        if not all_reduce(torch.isfinite(total).float(), dist.ReduceOp.MIN if world > 1 else None).item():
+            raise FloatingPointError("non-finite loss: try a lower --lr")
         if world > 1:  # loss is already divided by the global token count: the sum is the batch mean
-            for g in grads:
-                dist.all_reduce(g)
+            for p in policy.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return total.item() / cfg.updates_per_rollout, bool(finite.item())
+    return total.item() / cfg.updates_per_rollout
 
 
-def logprobs(policy, seqs, device):
+def logprobs(policy, seqs, device, temperature=1.0):
+    """Log-probs of the response tokens under softmax(logits / temperature), the distribution the rollout sampled
+    from: (logp [B, T-1], mask [B, T-1], advantages [B])."""
     T = max(len(s[0]) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     mask = torch.zeros(len(seqs), T - 1)  # mask[b, t]: token t+1 is a response token
@@ -237,7 +249,7 @@ def logprobs(policy, seqs, device):
         ids[b, :len(toks)] = torch.tensor(toks)
         mask[b, start - 1:start - 1 + n] = 1
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        logp, _ = rl.token_logprobs(policy, ids.to(device))
+        logp, _ = rl.token_logprobs(policy, ids.to(device), temperature=temperature)
     return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
 
 
@@ -280,6 +292,9 @@ def save_checkpoint(cfg, step, policy, opt, trainer, rank):
         with open(os.path.join(cfg.out, "ckpt", "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(cfg.out, "ckpt", "latest.tmp"), os.path.join(cfg.out, "ckpt", "latest"))
+        done = sorted(d for d in os.listdir(os.path.join(cfg.out, "ckpt")) if d.startswith("step_") and "." not in d)
+        for old in done[:-2]:
+            shutil.rmtree(os.path.join(cfg.out, "ckpt", old))  # keep the last two
     if dist.is_initialized():
         dist.barrier()
 
@@ -298,7 +313,7 @@ def load_checkpoint(cfg, policy, infer, opt, trainer):
     copy_weights(policy, infer)
     if trainer is not None:
         trainer.load(os.path.join(path, "drafter"))
-    s = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    s = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)  # to each param's device
     opt.load_state_dict(s["optimizer"])
     torch.set_rng_state(s["torch_rng"])
     random.setstate((3, tuple(s["python_rng"]), None))
@@ -320,11 +335,13 @@ def train(cfg, rank=0, world=1, log=print):
     if max_prompt <= 0:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
                          f"model's context of {infer.args.max_seq_len}")
-    if cfg.prompts_per_step % world:
-        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {world} ranks")
+    if cfg.prompts_per_step % world or cfg.eval_prompts < world:
+        raise ValueError(f"--prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the {world} ranks and "
+                         f"--eval_prompts ({cfg.eval_prompts}) at least {world}")
     rows, bad = load_prompts(cfg, tok, cfg.dataset, "train", max_prompt)
     eval_rows, _ = load_prompts(cfg, tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref = copy.deepcopy(infer) if cfg.kl_coef else None  # the frozen initial policy, for the k3 KL
     drafter = trainer = bandit = None
     if cfg.sd == "on":
         drafter = Drafter.load(cfg.drafter_init, infer) if cfg.drafter_init else Drafter.from_target(infer)
@@ -339,9 +356,11 @@ def train(cfg, rank=0, world=1, log=print):
         log(f"{len(rows)} train prompts ({bad} bad rows skipped), {len(eval_rows)} eval prompts, "
             f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, {world} rank(s)")
         log("config " + json.dumps(dataclasses.asdict(cfg)))
-        kept = [l for l in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:  # on resume, drop what was logged after the checkpoint
+        kept = [l for l in open(metrics_path) if l.endswith("\n")] if cfg.resume and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # on resume, drop what was logged after the checkpoint (or cut off)
             f.writelines(l for l in kept if json.loads(l)["step"] < start)
+        if not cfg.resume:  # a new run: a later --resume must not pick up an older run's checkpoint
+            shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
     history = []
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
@@ -358,7 +377,7 @@ def train(cfg, rank=0, world=1, log=print):
                                        trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty())
         rollout_end = time.perf_counter() - t0
         if trainer is not None:
-            trainer.train_until_all_done()  # this rank is done: keep training until every rank is
+            trainer.train_until_all_done(step)  # this rank is done: keep training until every rank is
             trainer.top_up(step, cfg.drafter_min_steps)
             trainer.stop()
         idle_end = time.perf_counter() - t0
@@ -367,9 +386,7 @@ def train(cfg, rank=0, world=1, log=print):
         adv = rl.group_advantages(rewards, cfg.group_size)
         truncated = [o[-1] != tok.eos_token_id and len(o) >= cfg.max_new_tokens for o in outputs]
         train_outputs = [o if not (cfg.mask_truncated and t) else [] for o, t in zip(outputs, truncated)]
-        loss, finite = update(cfg, policy, opt, samples, train_outputs, adv, world, rank == 0 and sys.stderr.isatty())
-        if not finite:
-            raise FloatingPointError(f"non-finite loss at step {step}: try a lower --lr")
+        loss = update(cfg, policy, ref, opt, samples, train_outputs, adv, world, rank == 0 and sys.stderr.isatty())
         copy_weights(policy, infer)
         tstats = {}
         if trainer is not None:
@@ -380,7 +397,7 @@ def train(cfg, rank=0, world=1, log=print):
                                         rs["sd_tokens"], rs["sd_rows"], tstats.get("tail_steps", 0),
                                         tstats.get("idle_steps", 0), tstats.get("loss", 0.0), rs["tokens"],
                                         tstats.get("topup_steps", 0), tstats.get("train_s", 0.0),
-                                        tstats.get("stop_wait_s", 0.0)],
+                                        tstats.get("stop_wait_s", 0.0), loss, sum(truncated)],
                                        dtype=torch.float64, device=device))
         maxs = all_reduce(torch.tensor([max(lens), rollout_end, rs["tail_s"], time.perf_counter() - t0],
                                        dtype=torch.float64, device=device), dist.ReduceOp.MAX if world > 1 else None)
@@ -391,8 +408,8 @@ def train(cfg, rank=0, world=1, log=print):
                    drafter_train_steps=int(s[6] + s[7] + s[10]), drafter_tail_steps=int(s[6]),
                    drafter_idle_steps=int(s[7]), drafter_topup_steps=int(s[10]), drafter_train_s=s[11] / world,
                    drafter_stop_wait_s=s[12] / world,  # the rollout waiting for a running drafter step to end
-                   drafter_loss=s[8] / world, tail_s=m[2], loss=loss, tokens=int(s[9]),
-                   truncated=sum(truncated), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
+                   drafter_loss=s[8] / world, tail_s=m[2], loss=s[13], tokens=int(s[9]),
+                   truncated=int(s[14]), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
         digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
         timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
                         idle_end=idle_end, digest=digest, tail_training=trainer is not None and cfg.tail_training)
@@ -410,7 +427,7 @@ def train(cfg, rank=0, world=1, log=print):
                 f"accept {rec['sd_accept_len']:.2f} | drafter {rec['drafter_train_steps']} steps loss "
                 f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
                 + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
             save_checkpoint(cfg, step, policy, opt, trainer, rank)
     return history, policy, drafter
 
@@ -468,7 +485,9 @@ def bench(cfg, rank, world, log):
                          accept_len=round(b["sd_accept_len"], 3), drafter_tail_steps=b["drafter_tail_steps"],
                          drafter_idle_steps=b["drafter_idle_steps"], step_s_off=round(a["step_s"], 3),
                          step_s_on=round(b["step_s"], 3)))
-    identical = all([t["digest"] for t in a["timelines"]] == [t["digest"] for t in b["timelines"]] for a, b in zip(off, on))
+    same = [[t["digest"] for t in a["timelines"]] == [t["digest"] for t in b["timelines"]] for a, b in zip(off, on)]
+    # on a GPU, non-deterministic backward kernels make the two runs' policies drift apart after the first update,
+    # and bf16 logits of a verify (T > 1) and a decode step may break a near-tie differently: see step 0 too
     picture = None
     if rank == 0:
         # the step with the longest tail is the one that shows TLT at work
@@ -478,9 +497,11 @@ def bench(cfg, rank, world, log):
                                 os.path.join(cfg.out, "timeline.png"))
         for r in rows:
             log(" | ".join(f"{k} {v}" for k, v in r.items()))
-    result = dict(rollout_speedup=sum(r["rollout_s"] for r in off) / sum(r["rollout_s"] for r in on),
-                  step_speedup=sum(r["step_s"] for r in off) / sum(r["step_s"] for r in on),
-                  accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=identical,
+    timed = slice(1 if len(off) > 1 else 0, None)  # step 0 of the first run also pays compilation and warm-up
+    result = dict(rollout_speedup=sum(r["rollout_s"] for r in off[timed]) / sum(r["rollout_s"] for r in on[timed]),
+                  step_speedup=sum(r["step_s"] for r in off[timed]) / sum(r["step_s"] for r in on[timed]),
+                  accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=all(same),
+                  identical_first_step=same[0],
                   tail_frac_off=sum(r["tail_s"] for r in off) / sum(r["rollout_s"] for r in off),
                   steps=rows, timeline_png=picture,
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
