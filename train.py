@@ -139,6 +139,11 @@ def all_reduce(x, op=None):  # a no-op in a single process
     return x
 
 
+def all_reduce_dict(d, device, op=None):
+    """All-reduce a dict of numbers (the same keys on every rank) in one collective."""
+    return dict(zip(d, all_reduce(torch.tensor(list(d.values()), dtype=torch.float64, device=device), op).tolist()))
+
+
 def load_models(cfg, device):
     """The policy (fp32 weights for the optimizer), its inference copy (bf16 on GPU) and the tokenizer."""
     if cfg.model == "tiny":
@@ -227,7 +232,7 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
                                      ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
             loss.backward()
             total += loss.detach()
-        if not all_reduce(torch.isfinite(total).float(), dist.ReduceOp.MIN if world > 1 else None).item():
+        if not all_reduce(torch.isfinite(total).float(), dist.ReduceOp.MIN).item():
             raise FloatingPointError("non-finite loss: try a lower --lr")
         if world > 1:  # loss is already divided by the global token count: the sum is the batch mean
             for p in policy.parameters():
@@ -378,8 +383,7 @@ def train(cfg, rank=0, world=1, log=print):
         rollout_end = time.perf_counter() - t0
         if trainer is not None:
             trainer.train_until_all_done(step)  # this rank is done: keep training until every rank is
-            trainer.top_up(step, cfg.drafter_min_steps)
-            trainer.stop()
+            trainer.top_up(step, cfg.drafter_min_steps)  # ends with the trainer stopped
         idle_end = time.perf_counter() - t0
         texts = [tok.decode(o, skip_special_tokens=True) for o in outputs]
         rewards = torch.tensor([rl.math_reward(t, r["answer"]) for t, (_, r) in zip(texts, samples)])
@@ -393,23 +397,24 @@ def train(cfg, rank=0, world=1, log=print):
             trainer.sync()  # average the training copies across ranks: the serving drafter for the next step
             tstats = trainer.stats()
         lens = [len(o) for o in outputs]
-        sums = all_reduce(torch.tensor([rewards.sum().item(), (rewards == 1).sum().item(), len(lens), sum(lens),
-                                        rs["sd_tokens"], rs["sd_rows"], tstats.get("tail_steps", 0),
-                                        tstats.get("idle_steps", 0), tstats.get("loss", 0.0), rs["tokens"],
-                                        tstats.get("topup_steps", 0), tstats.get("train_s", 0.0),
-                                        tstats.get("stop_wait_s", 0.0), loss, sum(truncated)],
-                                       dtype=torch.float64, device=device))
-        maxs = all_reduce(torch.tensor([max(lens), rollout_end, rs["tail_s"], time.perf_counter() - t0],
-                                       dtype=torch.float64, device=device), dist.ReduceOp.MAX if world > 1 else None)
-        s, m = sums.tolist(), maxs.tolist()
-        rec = dict(step=step, reward_mean=s[0] / s[2], accuracy=s[1] / s[2], response_len_mean=s[3] / s[2],
-                   response_len_max=int(m[0]), rollout_s=m[1], step_s=time.perf_counter() - t0,
-                   sd_accept_len=s[4] / max(1, s[5]), sd_token_frac=s[4] / max(1, s[9]),
-                   drafter_train_steps=int(s[6] + s[7] + s[10]), drafter_tail_steps=int(s[6]),
-                   drafter_idle_steps=int(s[7]), drafter_topup_steps=int(s[10]), drafter_train_s=s[11] / world,
-                   drafter_stop_wait_s=s[12] / world,  # the rollout waiting for a running drafter step to end
-                   drafter_loss=s[8] / world, tail_s=m[2], loss=s[13], tokens=int(s[9]),
-                   truncated=int(s[14]), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
+        drafter_stats = {f"drafter_{k}": tstats.get(k, 0.0)
+                         for k in ("tail_steps", "idle_steps", "topup_steps", "loss", "train_s", "stop_wait_s")}
+        sums = all_reduce_dict(dict(reward=rewards.sum().item(), correct=(rewards == 1).sum().item(), rows=len(lens),
+                                    len=sum(lens), sd_tokens=rs["sd_tokens"], sd_rows=rs["sd_rows"],
+                                    tokens=rs["tokens"], loss=loss, truncated=sum(truncated), **drafter_stats), device)
+        maxs = all_reduce_dict(dict(len=max(lens), rollout_s=rollout_end, tail_s=rs["tail_s"]), device,
+                               dist.ReduceOp.MAX)
+        train_steps = sums["drafter_tail_steps"] + sums["drafter_idle_steps"] + sums["drafter_topup_steps"]
+        rec = dict(step=step, reward_mean=sums["reward"] / sums["rows"], accuracy=sums["correct"] / sums["rows"],
+                   response_len_mean=sums["len"] / sums["rows"], response_len_max=int(maxs["len"]),
+                   rollout_s=maxs["rollout_s"], step_s=time.perf_counter() - t0,
+                   sd_accept_len=sums["sd_tokens"] / max(1, sums["sd_rows"]),
+                   sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(train_steps),
+                   **{k: int(sums[k]) for k in ("drafter_tail_steps", "drafter_idle_steps", "drafter_topup_steps")},
+                   # per-rank means; stop_wait_s: the rollout waiting for a running drafter step to end
+                   **{k: sums[k] / world for k in ("drafter_loss", "drafter_train_s", "drafter_stop_wait_s")},
+                   tail_s=maxs["tail_s"], loss=sums["loss"], tokens=int(sums["tokens"]),
+                   truncated=int(sums["truncated"]), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
         digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
         timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
                         idle_end=idle_end, digest=digest, tail_training=trainer is not None and cfg.tail_training)
