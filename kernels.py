@@ -162,16 +162,19 @@ def dense_mask(cache_lens, tree_mask, T, L):
 
 
 def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None):
-    """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, softmax in fp32."""
+    """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, softmax in fp32. Also the
+    CPU path of the engine, so it avoids copies: the G query heads of a KV head are one matmul."""
     B, Hq, T, D = q.shape
-    G = Hq // k_cache.shape[1]
+    Hkv = k_cache.shape[1]
     L = min(k_cache.shape[2], int(cache_lens.max()) + T)  # nothing later is visible (a host sync: CPU path)
-    k = k_cache[slots.long(), :, :L].float().repeat_interleave(G, dim=1)  # [B, Hq, L, D]
-    v = v_cache[slots.long(), :, :L].float().repeat_interleave(G, dim=1)
-    mask = dense_mask(cache_lens, tree_mask, T, L)[:, None]  # [B, 1, T, L]
-    s = q.float() @ k.transpose(-1, -2) * (sm_scale if sm_scale is not None else D ** -0.5)  # [B, Hq, T, L]
-    v = v.masked_fill(~mask.any(2)[..., None], 0.0)  # unused cache may hold NaN, and 0 * NaN = NaN
-    return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ v).to(q.dtype)
+    k = k_cache[slots.long(), :, :L].float()  # [B, Hkv, L, D], a fresh copy
+    v = v_cache[slots.long(), :, :L].float()
+    mask = dense_mask(cache_lens, tree_mask, T, L)  # [B, T, L]
+    v.masked_fill_(~mask.any(1)[:, None, :, None], 0.0)  # unused cache may hold NaN, and 0 * NaN = NaN
+    s = q.float().reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)  # [B, Hkv, G*T, L], head h -> KV head h // G
+    s = s.view(B, Hkv, -1, T, L).masked_fill(~mask[:, None, None], float("-inf"))  # [B, Hkv, G, T, L]
+    p = (s * (sm_scale if sm_scale is not None else D ** -0.5)).softmax(-1)
+    return (p.view(B, Hkv, -1, L) @ v).view(B, Hq, T, D).to(q.dtype)
 
 
 def compact_kv(k_cache, v_cache, slots, cache_lens, accept_idx, accept_len):
