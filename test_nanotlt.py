@@ -1202,6 +1202,47 @@ def test_resume_continues_exactly(tiny_cache, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(ckpt).config.num_hidden_layers == nanotlt.tiny_args().n_layers
 
 
+def test_real_preset_path_on_a_hub_style_model_and_math_data(tiny_cache, tmp_path):
+    """The real preset's code path, on the CPU: a Qwen2 checkpoint dir with a chat template, GSM8K-style rows (a
+    question, a full solution ending in '#### n'), spot training in the tail, evaluation, an HF checkpoint."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    vocab = {c: i for i, c in enumerate(["<unk>", "<eos>", "\n"] + [chr(i) for i in range(32, 127)])}
+    chars = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    chars.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=chars, eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 eos_token_id=1, tie_word_embeddings=True)).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"})
+                            + "\n" for a in range(6) for b in range(2)) + '{"question": "no answer"}\n')
+    cfg, _ = train.parse_args(["--preset", "real", "--model", str(tmp_path / "qwen"), "--dataset", str(data),
+                               "--steps", "1", "--prompts_per_step", "4", "--group_size", "2", "--max_new_tokens",
+                               "24", "--eval_every", "1", "--eval_prompts", "4", "--save_every", "1", "--lr", "1e-3",
+                               "--sd_threshold", "8", "--drafter_min_steps", "2", "--out", str(tmp_path / "out")])
+    assert cfg.tail_training and cfg.grad_checkpointing and cfg.max_new_tokens == 24  # real defaults + overrides
+    logs = []
+    history, policy, _ = train.train(cfg, log=logs.append)
+    assert "12 train prompts (1 bad rows skipped)" in logs[0]
+    rows, _ = train.load_prompts(cfg, tok, str(data), "train", 480)
+    assert tok.decode(rows[0]["ids"]).startswith("user: What is 0 plus 0?\n" + rl.MATH_INSTRUCTION) and rows[0]["answer"] == "0"
+    (rec,) = history
+    assert rec["drafter_train_steps"] >= 2 and math.isfinite(rec["loss"]) and "eval_accuracy" in rec
+    final = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl")][-1]
+    assert final["step"] == 1 and "eval_accept_len" in final
+    # the checkpoint is a complete HF model dir: transformers loads it and computes the trained policy's logits
+    ckpt = tmp_path / "out" / "ckpt" / (tmp_path / "out" / "ckpt" / "latest").read_text() / "policy"
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.tensor([rows[0]["ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, policy(ids), atol=1e-4, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(ckpt).encode("1+2") == tok.encode("1+2")
+
+
 def test_update_clips_against_the_behaviour_policy_and_adds_the_kl(tiny, monkeypatch):
     """With several updates per rollout the ratio is taken against the rollout policy's log-probs, computed once
     (so later updates see ratio != 1 and clipping can act); --kl_coef passes the frozen reference's log-probs."""

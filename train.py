@@ -282,12 +282,14 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device):
 # a checkpoint that loads half; read back without unpickling arbitrary objects (safetensors, weights_only)
 
 
-def save_checkpoint(cfg, step, policy, opt, trainer, rank):
+def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank):
     if rank == 0:
         final = os.path.join(cfg.out, "ckpt", f"step_{step:06d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         nanotlt.save_pretrained(policy, os.path.join(tmp, "policy"))
+        if hasattr(tok, "save_pretrained"):  # an HF tokenizer: the policy dir is a complete model to serve
+            tok.save_pretrained(os.path.join(tmp, "policy"))
         if trainer is not None:
             trainer.save(os.path.join(tmp, "drafter"))
         torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -433,7 +435,7 @@ def train(cfg, rank=0, world=1, log=print):
                 f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
                 + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
-            save_checkpoint(cfg, step, policy, opt, trainer, rank)
+            save_checkpoint(cfg, step, policy, tok, opt, trainer, rank)
     return history, policy, drafter
 
 
