@@ -109,9 +109,11 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return adv.view(-1)  # [N]
 
 
-def mask_truncated(mask, truncated):
-    """Zero the response mask of rows that hit max length without eos: their reward is unreliable."""
-    return mask * (~truncated.bool()).to(mask.dtype)[:, None]
+def mask_truncated(outputs, eos_id, max_new_tokens):
+    """Responses cut at the length limit (no eos) get no loss: their reward says nothing about their answer.
+    They also leave the token count that normalises the loss. Returns (outputs for the loss, truncated flags)."""
+    truncated = [len(o) >= max_new_tokens and o[-1] != eos_id for o in outputs]
+    return [[] if t else o for o, t in zip(outputs, truncated)], truncated
 
 
 def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28,

@@ -1072,9 +1072,10 @@ def test_k3_kl():
 
 
 def test_mask_truncated():
-    mask = torch.ones(3, 2)
-    out = rl.mask_truncated(mask, torch.tensor([False, True, False]))
-    assert out.tolist() == [[1, 1], [0, 0], [1, 1]]
+    eos = 9
+    outputs = [[1, 2, eos], [1, 2, 3], [1, eos], [4, 5, eos]]  # max 3 new tokens: only the second was cut off
+    masked, truncated = rl.mask_truncated(outputs, eos, 3)
+    assert truncated == [False, True, False, False] and masked == [[1, 2, eos], [], [1, eos], [4, 5, eos]]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 100])

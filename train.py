@@ -390,9 +390,9 @@ def train(cfg, rank=0, world=1, log=print):
         texts = [tok.decode(o, skip_special_tokens=True) for o in outputs]
         rewards = torch.tensor([rl.math_reward(t, r["answer"]) for t, (_, r) in zip(texts, samples)])
         adv = rl.group_advantages(rewards, cfg.group_size)
-        truncated = [o[-1] != tok.eos_token_id and len(o) >= cfg.max_new_tokens for o in outputs]
-        train_outputs = [o if not (cfg.mask_truncated and t) else [] for o, t in zip(outputs, truncated)]
-        loss = update(cfg, policy, ref, opt, samples, train_outputs, adv, world, rank == 0 and sys.stderr.isatty())
+        masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
+        loss = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
+                      rank == 0 and sys.stderr.isatty())
         copy_weights(policy, infer)
         tstats = {}
         if trainer is not None:
