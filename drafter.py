@@ -167,8 +167,10 @@ class SpotTrainer:
     def __init__(self, serving, lr=3e-4, max_tokens=8192, buffer_tokens=1 << 21, ckpt_dir=None, ckpt_every=0,
                  grad_clip=1.0, weight_decay=0.0, seed=0):
         self.serving, self.device, dtype = serving, serving.fc.weight.device, serving.fc.weight.dtype
-        self.model = Drafter.from_target(serving.target).to(dtype)
+        # fp32 master weights (a bf16 weight would round most AdamW updates away), bf16 compute under autocast
+        self.model = Drafter.from_target(serving.target).float()
         self.model.load_state_dict(serving.state_dict())
+        self.autocast = lambda: torch.autocast(self.device.type, dtype, enabled=dtype != torch.float32)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.buffer = DraftBuffer(buffer_tokens, dtype)
         self.max_tokens, self.grad_clip, self.rng = max_tokens, grad_clip, random.Random(seed)
@@ -196,7 +198,8 @@ class SpotTrainer:
         if b is None:
             return False
         with self._lock:
-            loss_sum, n = drafter_loss(self.model, **b)
+            with self.autocast():
+                loss_sum, n = drafter_loss(self.model, **b)
             loss = loss_sum / n.clamp(min=1)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

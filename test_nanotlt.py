@@ -856,6 +856,24 @@ def test_stop_within_one_step():
     assert trainer.stats()["tail_steps"] == trainer.opt_steps
 
 
+def test_bf16_serving_drafter_trains_fp32_master_weights():
+    """On a GPU the target and the serving drafter are bf16: the trainer keeps fp32 weights (a small AdamW step
+    would round away in bf16) and computes under autocast; sync rounds them into the serving drafter."""
+    serving = Drafter.from_target(random_target().to(torch.bfloat16))
+    trainer = SpotTrainer(serving, lr=1e-5, max_tokens=1024)
+    fill(trainer, 0, 20, seed=0)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(p.dtype == torch.float32 for p in before)
+    assert trainer.train_step("topup")
+    moved = [(p - b).abs().max() for p, b in zip(trainer.model.parameters(), before)]
+    assert max(moved) > 0 and all(m < 2e-5 for m in moved)  # ~lr: below bf16's resolution at these weights
+    assert all(torch.equal(p.to(torch.bfloat16), p) for p in before)  # it started from the bf16 weights
+    assert all(torch.equal(s, b.to(torch.bfloat16)) for s, b in zip(serving.parameters(), before))  # until sync
+    trainer.sync()
+    assert all(s.dtype == torch.bfloat16 and torch.equal(s, p.to(torch.bfloat16))
+               for s, p in zip(serving.parameters(), trainer.model.parameters()))
+
+
 def test_serving_unchanged_while_training_during_rollout(tiny):
     target, tok = tiny.model, tiny.tok
     torch.manual_seed(0)
