@@ -161,12 +161,13 @@ def dense_mask(cache_lens, tree_mask, T, L):
     return (j < 0)[:, None, :] | ((j < T)[:, None, :] & new_vis)
 
 
-def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None):
+def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None, max_len=None):
     """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, softmax in fp32. Also the
-    CPU path of the engine, so it avoids copies: the G query heads of a KV head are one matmul."""
+    CPU path of the engine, so it avoids copies: the G query heads of a KV head are one matmul. It attends over
+    the first `max_len` cache positions; by default max(cache_lens) + T, nothing later is visible (a host sync)."""
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
-    L = min(k_cache.shape[2], int(cache_lens.max()) + T)  # nothing later is visible (a host sync: CPU path)
+    L = min(k_cache.shape[2], int(cache_lens.max()) + T) if max_len is None else max_len
     k = k_cache[slots.long(), :, :L].float()  # [B, Hkv, L, D], a fresh copy
     v = v_cache[slots.long(), :, :L].float()
     mask = dense_mask(cache_lens, tree_mask, T, L)  # [B, T, L]

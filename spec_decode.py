@@ -18,6 +18,7 @@ import os
 import random
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,50 +103,51 @@ def commit(st, slots, h, new_tokens, count):
     st.n_gen[slots] += count
 
 
-def forward(model, slots, cache_lens, tokens, positions, tree_mask):
-    """One target forward over [B, T] new tokens of the active rows: (hidden [B, T, H], logits [B, T, V]).
-    Tensors only, fixed shapes: this is what the CUDA-graph pool captures."""
-    h = model.hidden(tokens, positions, Ctx(slots=slots, cache_lens=cache_lens, tree_mask=tree_mask))
-    return h, model.logits(h)
-
-
-def target_step(model, st, slots, tokens, positions, tree_mask, cfg):
-    """The target's hidden states at the new tokens and its own (sampled) next token after each of them."""
-    lens = st.lens[slots]
-    h, logits = cfg.graphs("target", lambda *a: forward(model, *a), slots, lens, tokens, positions, tree_mask)
-    steps = st.n_gen[slots, None] + positions - lens[:, None]  # generated-token index of the next token
-    return h, sample(logits, st.seq_ids[slots], steps, cfg.temperature, cfg.top_p, cfg.seed)
+def forward(model, cfg, slots, lens, tokens, positions, tree_mask, seq_ids, steps):
+    """One target forward over [B, T] new tokens of the active rows, and the target's own (sampled) next token
+    after each of them: (hidden [B, T, H], choice [B, T]). `steps` [B, T]: the choice's generated-token index."""
+    h = model.hidden(tokens, positions, Ctx(slots=slots, cache_lens=lens, tree_mask=tree_mask))
+    return h, sample(model.logits(h), seq_ids, steps, cfg.temperature, cfg.top_p, cfg.seed)
 
 
 def decode_step(model, st, slots, cfg):
-    pending = st.tokens[slots, st.lens[slots]][:, None]  # [B, 1]
-    h, nxt = target_step(model, st, slots, pending, st.lens[slots, None], None, cfg)
+    lens = st.lens[slots]
+    pending = st.tokens[slots, lens][:, None]  # [B, 1]
+    h, nxt = cfg.graphs(cfg.key("decode"), lambda *a: forward(model, cfg, *a), slots, lens, pending, lens[:, None],
+                        None, st.seq_ids[slots], st.n_gen[slots, None])
     commit(st, slots, h, nxt, torch.ones_like(slots))
     return nxt, torch.ones_like(slots)
 
 
-def verify_step(model, st, slots, tree: Tree, cfg):
-    """Run the tree through the target, walk it from the root along the target's own choices, commit the
-    matched path plus the target's next token ("bonus"), and compact the accepted K/V."""
-    h, choice = target_step(model, st, slots, tree.tokens, st.lens[slots, None] + tree.depth, tree.mask, cfg)
-    B, dev = len(slots), slots.device
-    cur = torch.zeros(B, dtype=torch.long, device=dev)
-    path = torch.zeros(B, tree.max_depth + 1, dtype=torch.long, device=dev)  # accepted nodes, root first
-    accepted = torch.zeros(B, dtype=torch.long, device=dev)
-    alive = torch.ones(B, dtype=torch.bool, device=dev)
-    for d in range(tree.max_depth):  # one level per iteration, all rows and nodes at once
-        want = choice.gather(1, cur[:, None])  # the target's token after the current node
-        match = (tree.parents == cur[:, None]) & (tree.tokens == want)  # siblings are distinct: <= 1 match
-        alive &= match.any(1)
-        cur = torch.where(alive, match.int().argmax(1), cur)
-        path[:, d + 1] = cur
-        accepted += alive
+def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq_ids, n_gen):
+    """Run the tree through the target, take the longest path from the root along the target's own choices,
+    and compact its K/V. Returns the hidden states of the path [B, max_depth + 1, H], the new tokens (the
+    path's, then the target's next token, "bonus") [B, max_depth + 1] and how many entered the cache [B]."""
+    (B, T), dev = tokens.shape, slots.device
+    h, choice = forward(model, cfg, slots, lens, tokens, lens[:, None] + depth, mask, seq_ids, n_gen[:, None] + depth)
+    right = tokens == choice.gather(1, parents.clamp(min=0))  # [B, T] the target's token after the parent
+    right[:, 0] = True
+    anc = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
+    on_path = ~(anc & ~right[:, None, :]).any(-1)  # [B, T] the node and all its ancestors are right
+    # siblings are distinct, so the nodes on the path form one chain from the root: at most one per depth
+    cur = (on_path * (depth + 1)).argmax(1, keepdim=True)  # [B, 1] its deepest node
+    accepted = depth.gather(1, cur)[:, 0]  # [B]
+    levels = torch.arange(max_depth + 1, device=dev)[None, :, None]
+    path = (on_path[:, None, :] & (depth[:, None, :] == levels)).int().argmax(-1)  # [B, max_depth + 1]
     count = accepted + 1  # root + accepted nodes enter the cache; accepted tokens + bonus are new
-    bonus = choice.gather(1, cur[:, None])
-    new_tokens = torch.cat([tree.tokens.gather(1, path[:, 1:]), bonus], 1)  # [B, max_depth + 1]
+    bonus = choice.gather(1, cur)
+    new_tokens = torch.cat([tokens.gather(1, path[:, 1:]), bonus], 1)  # [B, max_depth + 1]
     new_tokens.scatter_(1, accepted[:, None], bonus)  # the bonus right after the accepted path
-    kernels.compact_kv(model.k_cache, model.v_cache, slots, st.lens[slots], path, count)
-    commit(st, slots, h.gather(1, path[..., None].expand(-1, -1, h.shape[-1])), new_tokens, count)
+    kernels.compact_kv(model.k_cache, model.v_cache, slots, lens, path, count)
+    return h.gather(1, path[..., None].expand(-1, -1, h.shape[-1])), new_tokens, count
+
+
+def verify_step(model, st, slots, tree: Tree, cfg):
+    """Verify a draft tree and commit what the target accepts (see `verify`)."""
+    h, new_tokens, count = cfg.graphs(cfg.key(f"verify{tree.max_depth}"), lambda *a: verify(model, cfg, tree.max_depth, *a),
+                                      slots, st.lens[slots], tree.tokens, tree.parents, tree.depth, tree.mask,
+                                      st.seq_ids[slots], st.n_gen[slots])
+    commit(st, slots, h, new_tokens, count)
     return new_tokens, count
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,29 +191,36 @@ def eager(name, fn, slots, *args):  # the GraphPool interface without graphs
 
 
 def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=None):
-    """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
-    the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
-    exceeds its parent's (shallower wins ties), so the kept nodes form a tree. The per-depth drafter step runs
-    through `graphs` (captured per batch bucket, top-k and number of beams); the catch-up stays eager."""
-    B, k, dev = len(slots), topk, slots.device
+    """EAGLE-2 drafting: the catch-up runs eagerly (its length varies), then the tree grows in one fixed-shape
+    piece that `graphs` captures per batch bucket and tree shape."""
     lens = st.lens[slots]
     root_h = catch_up(drafter, st, slots, todo)  # [B, H] predicted hidden state of the pending token
+    tokens, parents, dep, mask = graphs(f"tree{depth}/{topk}/{n_verify}",
+                                        lambda *a: grow_tree(drafter, depth, topk, n_verify, *a),
+                                        slots, lens, root_h, st.tokens[slots, lens][:, None])
+    return Tree(tokens, parents, dep, mask, depth)
+
+
+def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
+    """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
+    the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
+    exceeds its parent's (shallower wins ties), so the kept nodes form a tree. Each depth reruns every beam so
+    far (each sees the cache and its ancestors): fixed shapes, no K/V bookkeeping for the beams.
+    Returns the tree's tokens, parents, depths [B, n_verify] and ancestor mask [B, n_verify, n_verify]."""
+    B, k, dev = len(slots), topk, slots.device
     score, tok = torch.log_softmax(drafter.logits(root_h).float(), -1).topk(k, -1)  # [B, k] depth-1 nodes = beams
     cand_tok, cand_score, cand_parent, cand_depth = [tok], [score], [torch.full_like(tok, -1)], [torch.ones_like(tok)]
     beam_idx = torch.arange(k, device=dev).expand(B, k)  # candidate index of each current beam
     beam_tok, beam_in_h = tok, root_h[:, None].expand(B, k, -1)  # drafter inputs of all beams so far
     beam_mask = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # ancestor-or-self among them
 
-    def step(slots, lens, tok, h_in, pos, mask):  # rerun every beam so far: each sees the cache and its ancestors
-        h = drafter.hidden(tok, h_in, pos, Ctx(slots=slots, cache_lens=lens, tree_mask=mask))[:, -k:]
-        return (h, *torch.log_softmax(drafter.logits(h).float(), -1).topk(k, -1))  # the current beams' children
-
     for d in range(1, depth):
         n = beam_tok.shape[1]
         pos = lens[:, None] + torch.arange(n, device=dev) // k  # [B, n]: depth-j beams sit at lens + j - 1
-        h_last, child_score, child_tok = graphs(f"draft{k}", step, slots, lens, beam_tok, beam_in_h, pos, beam_mask)
+        h_last = drafter.hidden(beam_tok, beam_in_h, pos, Ctx(slots=slots, cache_lens=lens, tree_mask=beam_mask))[:, -k:]
+        child_score, child_tok = torch.log_softmax(drafter.logits(h_last).float(), -1).topk(k, -1)  # [B, k, k]
         child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k] cumulative log-probs
-        child_tok = child_tok.flatten(1).clone()  # graph outputs are overwritten by the next replay
+        child_tok = child_tok.flatten(1)
         child_parent = beam_idx[:, :, None].expand(B, k, k).flatten(1)
         base = sum(t.shape[1] for t in cand_tok)
         cand_tok.append(child_tok), cand_score.append(child_score), cand_parent.append(child_parent)
@@ -232,9 +241,8 @@ def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=No
     par = torch.where(par < 0, 0, local.gather(1, par.clamp(min=0)))  # candidate index -> tree node index
     zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
     parents = torch.cat([zero - 1, par], 1)
-    pending = st.tokens[slots, lens][:, None]
-    return Tree(torch.cat([pending, tok.gather(1, keep)], 1), parents, torch.cat([zero, dep.gather(1, keep)], 1),
-                ancestor_mask(parents, depth), depth)
+    return (torch.cat([pending, tok.gather(1, keep)], 1), parents, torch.cat([zero, dep.gather(1, keep)], 1),
+            ancestor_mask(parents, depth))
 
 
 def ngram_draft(st, slots, depth, n_max=3):
@@ -338,7 +346,7 @@ class GraphPool:
 
     def __init__(self, enabled, dummy_slot, sig=None):
         self.enabled, self.dummy_slot, self.sig = enabled and torch.cuda.is_available(), dummy_slot, sig
-        self.graphs, self.pool, self.bytes = {}, None, 0
+        self.graphs, self.pool, self.bytes, self.errors = {}, None, 0, []
 
     def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors, rows first
         B = len(slots)
@@ -346,19 +354,15 @@ class GraphPool:
             return fn(slots, *args)
         key = (name, bucket(B)) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
         if key not in self.graphs:
-            static = [None if a is None else a[:1].expand(bucket(B), *a.shape[1:]).clone() for a in (slots,) + args]
-            static[0].fill_(self.dummy_slot)  # the warm-up writes the dummy slot only
-            before, side = torch.cuda.memory_reserved(), torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up (allocator, Triton compilation) outside the capture
-                fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the spot trainer's thread may allocate and sync while this thread captures
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = fn(*static)
-            self.pool, self.bytes = self.pool or graph.pool(), self.bytes + torch.cuda.memory_reserved() - before
-            self.graphs[key] = (graph, static, out)
+            try:
+                self.graphs[key] = self.capture(fn, [a if a is None else a[:1].expand(bucket(B), *a.shape[1:]).clone()
+                                                     for a in (slots,) + args])
+            except Exception as e:  # a step that cannot be captured runs eagerly: slower, still right
+                self.graphs[key] = None
+                self.errors.append(f"{key}: {type(e).__name__}: {e}")
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {self.errors[-1]}")
+        if self.graphs[key] is None:
+            return fn(slots, *args)
         graph, static, out = self.graphs[key]
         static[0].fill_(self.dummy_slot)  # rows past B keep stale inputs, but must never write a live slot
         for s, a in zip(static, (slots,) + args):
@@ -366,6 +370,20 @@ class GraphPool:
                 s[:B].copy_(a)
         graph.replay()
         return tuple(o[:B] for o in out)  # views of the graph's outputs: valid until the pool's next replay
+
+    def capture(self, fn, static):
+        static[0].fill_(self.dummy_slot)  # the warm-up writes the dummy slot only
+        before, side = torch.cuda.memory_reserved(), torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocator, Triton compilation) outside the capture
+            fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the spot trainer's thread may allocate and sync while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn(*static)
+        self.pool, self.bytes = self.pool or graph.pool(), self.bytes + torch.cuda.memory_reserved() - before
+        return graph, static, out
 
 
 def graph_pool(model, drafter, enabled):
@@ -376,7 +394,7 @@ def graph_pool(model, drafter, enabled):
         model.graph_pool = GraphPool(enabled, model.k_cache.shape[1] - 1, (enabled, sig(model)))
     pool = model.graph_pool
     if drafter is not None and getattr(pool, "draft_sig", None) != sig(drafter):
-        pool.graphs = {k: g for k, g in pool.graphs.items() if not k[0].startswith("draft")}
+        pool.graphs = {k: g for k, g in pool.graphs.items() if not k[0].startswith("tree")}
         pool.draft_sig = sig(drafter)
     return pool
 
@@ -391,6 +409,9 @@ class Run:
     top_p: float
     seed: int
     graphs: GraphPool
+
+    def key(self, name):  # a graph that samples bakes in how: the model's pool outlives this call
+        return f"{name}/{self.temperature}/{self.top_p}/{self.seed}"
 
 
 def ensure_cache(module, n_slots, max_len):
@@ -526,7 +547,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     seconds, tokens = time.perf_counter() - t0, sum(len(o) for o in outputs)
     return outputs, dict(stats, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, arms=bandit.best(),
                          accept_len=stats["sd_tokens"] / max(1, stats["sd_rows"]),  # tokens per row per verify step
-                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20)
+                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20, graph_errors=list(cfg.graphs.errors))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -750,15 +750,57 @@ def test_graph_pool_follows_the_tensors_it_captured(llama):
     for d in (d1, d2):
         sd.ensure_cache(d, 4, 64)
     pool = sd.graph_pool(model, d1, True)
-    pool.graphs = {("target", 1): "t", ("draft2", 1): "d"}  # stand-ins for captured graphs
+    pool.graphs = {("verify3", 1): "t", ("tree6/4/24", 1): "d"}  # stand-ins for captured graphs
     with torch.no_grad():
         model.lm_head.weight.mul_(1.0)  # in place: addresses unchanged
     assert sd.graph_pool(model, d1, True) is pool and sd.graph_pool(model, None, True) is pool
-    assert set(pool.graphs) == {("target", 1), ("draft2", 1)}
-    assert sd.graph_pool(model, d2, True) is pool and set(pool.graphs) == {("target", 1)}
+    assert set(pool.graphs) == {("verify3", 1), ("tree6/4/24", 1)}
+    assert sd.graph_pool(model, d2, True) is pool and set(pool.graphs) == {("verify3", 1)}
     assert sd.graph_pool(model, d2, False) is not pool  # the flag is part of the signature
     model.setup_cache(5, 64)
     assert sd.graph_pool(model, d2, False).dummy_slot == 4  # the spare slot of the new cache
+
+
+class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Refuses every op that reads a value back to the host (a CUDA-graph capture fails on those)."""
+    aten = torch.ops.aten
+    SYNC = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.masked_select,
+            aten._unique2, aten.unique_consecutive}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func.overloadpacket in (self.aten.index, self.aten.index_put, self.aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if func.overloadpacket in self.SYNC or bool_index:
+            raise AssertionError(f"host sync in a captured step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_captured_steps_never_sync(tiny, trained_drafter, monkeypatch):
+    """What the CUDA-graph pool captures (decode, tree growth, verify) must be pure device work: on the CPU, run
+    each piece under a mode that refuses host reads (the CPU attention's own read of max(cache_lens) swapped
+    for the whole cache), with learned, n-gram and plain arms, sampling with top-p."""
+    calls = set()
+
+    class Checked(sd.GraphPool):
+        def __call__(self, name, fn, slots, *args):
+            calls.add(name.split("/")[0])
+            with NoHostSync():
+                return fn(slots, *args)
+    monkeypatch.setattr(sd, "graph_pool", lambda *a: Checked(False, 0))
+    ref = kernels.tree_attention_ref
+    monkeypatch.setattr(kernels, "tree_attention_ref", lambda q, k, *a, **kw: ref(q, k, *a, max_len=k.shape[2], **kw))
+    prompts = tiny.test[:6]
+    with torch.no_grad():
+        for drafter in (trained_drafter.drafter, "ngram"):
+            out, _ = sd.generate(tiny.model, prompts, 24, 1.0, 0.9, eos_id=tiny.tok.eos_token_id, drafter=drafter,
+                                 sd_threshold=4, group_ids=[0, 0, 0, 1, 1, 1])
+            with monkeypatch.context() as m:
+                m.setattr(sd, "graph_pool", lambda *a: sd.GraphPool(False, 0))
+                assert out == sd.generate(tiny.model, prompts, 24, 1.0, 0.9, eos_id=tiny.tok.eos_token_id)[0]
+    assert {"decode", "tree3", "verify3"} <= calls, calls
+    for sync in (lambda x: x.sum().item(), lambda x: x[x > 0], lambda x: bool(x.any())):  # the mode does refuse
+        with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+            sync(torch.ones(3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
