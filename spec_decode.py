@@ -165,40 +165,56 @@ def ancestor_mask(parents, max_depth):  # parents [B, T] (-1 for the root) -> [B
     return mask
 
 
+def pairs(st, slots, start, n):
+    """The drafter's inputs at n consecutive positions t from `start` [B]: x_{t+1} [B, n], h_t [B, n, H], t [B, n]."""
+    t = start[:, None] + torch.arange(n, device=slots.device)
+    return st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t
+
+
+def read_pairs(drafter, slots, lens, x, h, t, prev=None):
+    """The drafter over pairs at consecutive positions t (writing its cache there); its output at the pending
+    token's position lens - 1 [B, H] where this chunk holds it, else `prev`."""
+    out = drafter.hidden(x, h, t, Ctx(slots=slots, cache_lens=t[:, 0]))  # [B, n, H]
+    last = lens - 1 - t[:, 0]  # index of the pending token's pair
+    picked = out.gather(1, last.clamp(0, t.shape[1] - 1)[:, None, None].expand(-1, 1, out.shape[-1]))[:, 0]
+    return picked if prev is None else torch.where(((last >= 0) & (last < t.shape[1]))[:, None], picked, prev)
+
+
 def catch_up(drafter, st, slots, todo=None, chunk=512):
     """Run the drafter over the pairs (x_{t+1}, h_t), at position t, that it has not seen: t in [draft_lens, lens),
     the freshly committed tokens with the target's true hidden states. Rows share one window of `todo` pairs
     (the most any row lacks; the engine knows it on the host) right-aligned on their last pair, so a row that
-    lacks fewer recomputes a few pairs it has (same K/V) and no write lands past lens. Returns the drafter's
-    prediction of the pending token's hidden state [B, H]."""
+    lacks fewer recomputes a few pairs it has (same K/V). A row shorter than the window starts at 0 and writes
+    past lens - 1, where nothing is read before it is rewritten. Returns the drafter's prediction of the pending
+    token's hidden state [B, H]."""
     lens = st.lens[slots]
     todo = max(1, int((lens - st.draft_lens[slots]).max()) if todo is None else todo)
-    start = (lens - todo).clamp(min=0)  # a row shorter than the window starts at 0 and ends past lens - 1
-    out = torch.empty(len(slots), st.hidden.shape[-1], device=slots.device, dtype=st.hidden.dtype)
+    start, root_h = (lens - todo).clamp(min=0), None
     for c0 in range(0, todo, chunk):
-        t = start[:, None] + c0 + torch.arange(min(chunk, todo - c0), device=slots.device)  # [B, T] positions
-        h = drafter.hidden(st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t,
-                           Ctx(slots=slots, cache_lens=start + c0))  # [B, T, H]
-        last = lens - 1 - start - c0  # index of the pending token's pair in this chunk
-        here = (last >= 0) & (last < t.shape[1])
-        out[here] = h[here, last[here]].to(out.dtype)
+        root_h = read_pairs(drafter, slots, lens, *pairs(st, slots, start + c0, min(chunk, todo - c0)), root_h)
     st.draft_lens[slots] = lens
-    return out
+    return root_h
 
 
 def eager(name, fn, slots, *args):  # the GraphPool interface without graphs
     return fn(slots, *args)
 
 
-def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=None):
-    """EAGLE-2 drafting: the catch-up runs eagerly (its length varies), then the tree grows in one fixed-shape
-    piece that `graphs` captures per batch bucket and tree shape."""
+def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=None, window=None):
+    """EAGLE-2 drafting: the catch-up, then the tree's growth. Between SD steps the drafter lags by at most
+    `window` pairs: then the catch-up runs over a fixed window of them and is captured with the growth, as one
+    piece per batch bucket and tree shape. A longer catch-up (after plain decoding) runs eagerly, in chunks."""
     lens = st.lens[slots]
-    root_h = catch_up(drafter, st, slots, todo)  # [B, H] predicted hidden state of the pending token
-    tokens, parents, dep, mask = graphs(f"tree{depth}/{topk}/{n_verify}",
-                                        lambda *a: grow_tree(drafter, depth, topk, n_verify, *a),
-                                        slots, lens, root_h, st.tokens[slots, lens][:, None])
-    return Tree(tokens, parents, dep, mask, depth)
+    pending = st.tokens[slots, lens][:, None]  # [B, 1]
+    todo = max(1, int((lens - st.draft_lens[slots]).max()) if todo is None else todo)
+    grow = lambda *a: grow_tree(drafter, depth, topk, n_verify, *a)
+    if window is None or todo > window:
+        root_h = catch_up(drafter, st, slots, todo)
+        return Tree(*graphs(f"tree{depth}/{topk}/{n_verify}", grow, slots, lens, root_h, pending), depth)
+    st.draft_lens[slots] = lens
+    draft = lambda sl, ln, x, h, t, p: grow(sl, ln, read_pairs(drafter, sl, ln, x, h, t), p)
+    return Tree(*graphs(f"tree{depth}/{topk}/{n_verify}+{window}", draft, slots, lens,
+                        *pairs(st, slots, (lens - window).clamp(min=0), window), pending), depth)
 
 
 def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
@@ -482,6 +498,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
         arms = default_arms(learned)
     bandit = bandit or Bandit(arms, seed=seed)
     slack = max(a.verify_tokens + a.depth * a.topk for a in bandit.arms) + 2  # what one step may write past lens
+    window = max(a.depth for a in bandit.arms) + 1  # the most one SD step commits: the drafter's usual lag
     L = max(len(p) for p in prompts) + max_new_tokens + slack
     ensure_cache(model, N + 1, L)  # one spare slot: the graphs' dummy
     if learned:  # as many slots as the target's cache, so the dummy slot is valid in both
@@ -516,7 +533,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
             if use_sd:
                 if arm.drafter == "model" and learned:
                     tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs,
-                                       todo=max(lag[i] for i in active))
+                                       todo=max(lag[i] for i in active), window=window)
                     for i in active:
                         lag[i] = 0
                 else:
@@ -613,7 +630,7 @@ def bench():
         rows.append(dict(batch=b, tokens=sp["tokens"], plain_tok_s=round(sp["tokens"] / t_p, 1),
                          sd_tok_s=round(ss["tokens"] / t_s, 1), speedup=round(t_p / t_s, 3),
                          accept_len=round(ss["accept_len"], 3), identical=out_p == out_s, arms=ss["arms"],
-                         graph_pool_mb=round(ss["graph_pool_mb"], 1)))
+                         graph_pool_mb=round(ss["graph_pool_mb"], 1), graph_errors=sp["graph_errors"] + ss["graph_errors"]))
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arms"))
     print(json.dumps(dict(device=name, model=args.model or "tiny", drafter="learned" if learned else "ngram",
                           temperature=args.temperature, top_p=args.top_p, new_tokens=new_tokens, results=rows)))
