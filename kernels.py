@@ -167,14 +167,14 @@ def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, s
     the first `max_len` cache positions; by default max(cache_lens) + T, nothing later is visible (a host sync)."""
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
-    L = min(k_cache.shape[2], int(cache_lens.max()) + T) if max_len is None else max_len
+    L = min(k_cache.shape[2], int(cache_lens.max()) + T if max_len is None else max_len)
     k = k_cache[slots.long(), :, :L].float()  # [B, Hkv, L, D], a fresh copy
     v = v_cache[slots.long(), :, :L].float()
     mask = dense_mask(cache_lens, tree_mask, T, L)  # [B, T, L]
     v.masked_fill_(~mask.any(1)[:, None, :, None], 0.0)  # unused cache may hold NaN, and 0 * NaN = NaN
     s = q.float().reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)  # [B, Hkv, G*T, L], head h -> KV head h // G
-    s = s.view(B, Hkv, -1, T, L).masked_fill(~mask[:, None, None], float("-inf"))  # [B, Hkv, G, T, L]
-    p = (s * (sm_scale if sm_scale is not None else D ** -0.5)).softmax(-1)
+    s = s * (sm_scale if sm_scale is not None else D ** -0.5)
+    p = s.view(B, Hkv, -1, T, L).masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # [B, Hkv, G, T, L]
     return (p.view(B, Hkv, -1, L) @ v).view(B, Hq, T, D).to(q.dtype)
 
 

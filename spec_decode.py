@@ -125,8 +125,8 @@ def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq
     path's, then the target's next token, "bonus") [B, max_depth + 1] and how many entered the cache [B]."""
     (B, T), dev = tokens.shape, slots.device
     h, choice = forward(model, cfg, slots, lens, tokens, lens[:, None] + depth, mask, seq_ids, n_gen[:, None] + depth)
-    right = tokens == choice.gather(1, parents.clamp(min=0))  # [B, T] the target's token after the parent
-    right[:, 0] = True
+    right = (tokens == choice.gather(1, parents.clamp(min=0))) & (parents >= 0)  # [B, T] the target's next token
+    right[:, 0] = True  # the root; a node without a parent (a NaN drafter's tree) is never right
     anc = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
     on_path = ~(anc & ~right[:, None, :]).any(-1)  # [B, T] the node and all its ancestors are right
     # siblings are distinct, so the nodes on the path form one chain from the root: at most one per depth
@@ -370,15 +370,17 @@ class GraphPool:
             return fn(slots, *args)
         key = (name, bucket(B)) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
         if key not in self.graphs:
+            stream = torch.cuda.current_stream()
             try:
                 self.graphs[key] = self.capture(fn, [a if a is None else a[:1].expand(bucket(B), *a.shape[1:]).clone()
                                                      for a in (slots,) + args])
-            except Exception as e:  # a step that cannot be captured runs eagerly: slower, still right
-                self.graphs[key] = None
-                self.errors.append(f"{key}: {type(e).__name__}: {e}")
+            except Exception as e:  # slower, still right: this step and all later ones run eagerly
+                torch.cuda.set_stream(stream)  # a failed capture can leave the capture stream current
+                self.enabled = False  # and (older torch) the allocator mid-capture: no more captures
+                cause = e.__context__ or e  # the root cause, not "capture invalidated"
+                self.errors.append(f"{key}: {type(cause).__name__}: {cause}")
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {self.errors[-1]}")
-        if self.graphs[key] is None:
-            return fn(slots, *args)
+                return fn(slots, *args)
         graph, static, out = self.graphs[key]
         static[0].fill_(self.dummy_slot)  # rows past B keep stale inputs, but must never write a live slot
         for s, a in zip(static, (slots,) + args):
@@ -504,6 +506,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     if learned:  # as many slots as the target's cache, so the dummy slot is valid in both
         ensure_cache(drafter, model.k_cache.shape[1], model.k_cache.shape[3])
     cfg = Run(temperature, top_p, seed, graph_pool(model, drafter if learned else None, cuda_graphs))
+    n_errors = len(cfg.graphs.errors)  # the pool outlives this call
     st = make_state(prompts, L, dev, model.args.dim if learned or on_finish else None, model.embed_tokens.weight.dtype,
                     seq_ids, group_ids)
     stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0, timeline=[])
@@ -564,7 +567,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     seconds, tokens = time.perf_counter() - t0, sum(len(o) for o in outputs)
     return outputs, dict(stats, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, arms=bandit.best(),
                          accept_len=stats["sd_tokens"] / max(1, stats["sd_rows"]),  # tokens per row per verify step
-                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20, graph_errors=list(cfg.graphs.errors))
+                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20, graph_errors=cfg.graphs.errors[n_errors:])
 
 
 # ---------------------------------------------------------------------------------------------------------

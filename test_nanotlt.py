@@ -467,6 +467,19 @@ def test_lossless_untrained_drafter(llama, shape):
         assert all(set(s["arms"].values()) == {("model", 4, 3, 10)} for s in stats)
 
 
+def test_lossless_nan_drafter(llama):
+    """A diverged drafter (NaN weights) drafts trees whose scores are NaN, where a kept node may lack its parent:
+    such a node must never be accepted."""
+    _, model = llama
+    drafter = Drafter.from_target(model).eval()
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.fill_(float("nan"))
+    stats = check_lossless(model, ragged_prompts(5, 48, seed=2), eos=3, max_new=40, drafter=drafter,
+                           draft_depth=5, draft_topk=4, verify_tokens=12)
+    assert all(s["accept_len"] == 1.0 for s in stats)
+
+
 def test_lossless_ngram_drafter(llama):
     _, model = llama
     prompts = ragged_prompts(6, 48, seed=5)
@@ -759,6 +772,28 @@ def test_graph_pool_follows_the_tensors_it_captured(llama):
     assert sd.graph_pool(model, d2, False) is not pool  # the flag is part of the signature
     model.setup_cache(5, 64)
     assert sd.graph_pool(model, d2, False).dummy_slot == 4  # the spare slot of the new cache
+
+
+def test_failed_capture_runs_eagerly_and_says_why(monkeypatch):
+    """A capture that fails (here: simulated, no GPU) must not lose the step: it runs eagerly, the pool stops
+    capturing, the stream that was current is restored, and the error keeps its root cause."""
+    streams = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "main stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    pool = sd.GraphPool(False, dummy_slot=9)
+    pool.enabled = True
+
+    def capture(fn, static):
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    monkeypatch.setattr(pool, "capture", capture)
+    step = lambda slots, x: (x * 2,)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        (out,) = pool("decode", step, torch.tensor([0, 1]), torch.tensor([[1.0], [2.0]]))
+    assert out.tolist() == [[2.0], [4.0]] and not pool.enabled and streams == ["main stream"]
+    assert len(pool.errors) == 1 and "not permitted when stream is capturing" in pool.errors[0]
 
 
 class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
