@@ -6,7 +6,7 @@
 # Three files come back in $OUT: log.txt (every step's output), results.jsonl (each step's last line, its JSON,
 # as {"step": name, "result": ...}) and timeline.png (the rollout picture of the end-to-end bench).
 # A lent machine has about 15 minutes of device time per session, its start included: the steps' time limits add
-# up to 7 minutes, which leaves time for one rerun.
+# up to under 8 minutes. Every step adds a line to results.jsonl: its JSON result, or its exit status.
 #     OUT=gpu_out bash gpu_check.sh
 #     DRY=1 OUT=/tmp/dry bash gpu_check.sh   # on the CPU: the same steps on small shapes, to check the plumbing
 set -uo pipefail
@@ -21,15 +21,20 @@ step() {
     local name=$1 limit=$2; shift 2
     echo "== $name: $*" | tee -a "$OUT/log.txt"
     timeout "$limit" "$@" > "$OUT/step.log" 2>&1
-    echo "   exit $?" | tee -a "$OUT/log.txt"
+    rc=$?
+    echo "   exit $rc" | tee -a "$OUT/log.txt"
     cat "$OUT/step.log" >> "$OUT/log.txt"
     last=$(tail -n 1 "$OUT/step.log")
-    case "$last" in \{*) echo "{\"step\": \"$name\", \"result\": $last}" >> "$OUT/results.jsonl";; esac
+    case "$last" in
+        \{*) echo "{\"step\": \"$name\", \"exit\": $rc, \"result\": $last}" >> "$OUT/results.jsonl";;
+        *) echo "{\"step\": \"$name\", \"exit\": $rc}" >> "$OUT/results.jsonl";;
+    esac
 }
 
-step kernels_check 60 $PY kernels.py
+step kernels_check 45 $PY kernels.py
 step kernels_bench 60 $PY kernels.py --bench
-step spec_tiny 90 $PY spec_decode.py --bench "${SMALL[@]}"
+step spec_tiny 75 $PY spec_decode.py --bench --batch 1,8,32 "${SMALL[@]}"
+TRITON_INTERPRET=0 step gpu_tests 90 $PY -m pytest -q -x test_nanotlt.py -k cuda  # uses the tiny preset just built
 $PY - "$OUT/qwen15b" <<'PYEOF'
 import os, sys, torch, nanotlt
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -46,7 +51,7 @@ tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
 tok.pre_tokenizer = pre_tokenizers.Whitespace()
 PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="w0").save_pretrained(sys.argv[1])
 PYEOF
-step spec_qwen15b_ngram 90 $PY spec_decode.py --bench --model "$OUT/qwen15b" --drafter ngram --batch 1,8,32 "${SMALL[@]}"
+step spec_qwen15b_ngram 75 $PY spec_decode.py --bench --model "$OUT/qwen15b" --drafter ngram --batch 1,8,32 "${SMALL[@]}"
 step train_bench_tiny 120 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true --tail_training true \
     --out "$OUT/train_bench"
 cp "$OUT/train_bench/timeline.png" "$OUT/timeline.png" 2>/dev/null

@@ -4,13 +4,14 @@ engine's pieces), the EAGLE drafter and its spot trainer (drafter.py), the GRPO 
 loop (train.py). CPU only, offline, fp32; no GPU needed (the CUDA-graph test is skipped without one).
 
 Run:  python -m pytest -q test_nanotlt.py
+      TRITON_INTERPRET=0 python -m pytest -q test_nanotlt.py -k cuda   # on a GPU: the CUDA-graph test
 
 The tiny preset (a small model briefly warmed up on a synthetic task) is built once per session into
 $NANOTLT_CACHE, or into a temporary directory when that is unset (the warm-up then takes about a minute).
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before torch/triton/kernels are imported: run the kernels on the CPU
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels on the CPU (0: a GPU run)
 os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the network: fail fast instead
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -839,15 +840,21 @@ def test_captured_steps_never_sync(tiny, trained_drafter, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_on_off_identical(tmp_path):
-    _, model = hf_checkpoint(tmp_path)
-    model = model.cuda()
-    drafter = Drafter.from_target(model).eval()
-    prompts = ragged_prompts(5, 48, seed=2)
-    for kw in (dict(), dict(drafter="ngram"), dict(drafter=drafter)):
-        off, _ = sd.generate(model, prompts, 40, 1.0, seed=1, eos_id=3, cuda_graphs=False, **kw)
-        on, s = sd.generate(model, prompts, 40, 1.0, seed=1, eos_id=3, cuda_graphs=True, **kw)
-        assert on == off and s["graph_pool_mb"] > 0
+def test_cuda_graphs_on_off_identical(tiny, trained_drafter):
+    """On a GPU, in fp32 (run with TRITON_INTERPRET=0): the captured pieces give the tokens eager mode gives, and
+    those of plain decoding, for plain, n-gram and learned drafts (catch-up window included), greedy and sampled
+    with top-p; no capture fails."""
+    model = copy.deepcopy(tiny.model).cuda()
+    drafter = Drafter.from_target(model)
+    drafter.load_state_dict(trained_drafter.drafter.state_dict())
+    prompts, eos = tiny.test[:12], tiny.tok.eos_token_id
+    for temperature, top_p in ((0.0, 1.0), (1.0, 0.9)):
+        run = lambda graphs, **kw: sd.generate(model, prompts, 64, temperature, top_p, seed=1, eos_id=eos,
+                                               cuda_graphs=graphs, sd_threshold=8, **kw)
+        ref, _ = run(False)
+        for kw in (dict(), dict(drafter="ngram", group_ids=[i // 4 for i in range(12)]), dict(drafter=drafter)):
+            (off, _), (on, s) = run(False, **kw), run(True, **kw)
+            assert on == off == ref and s["graph_errors"] == [] and s["graph_pool_mb"] > 0, (temperature, kw)
 
 
 # =========================================================================================================
