@@ -334,6 +334,16 @@ def tiny_args():
                      head_dim=32, intermediate_size=384, rope_theta=10000.0, max_seq_len=1024)
 
 
+# Models the tiny task can warm up: name -> (args, peak lr, lr warm-up steps). The Qwen2.5-1.5B shape (with the
+# task's own 16-token vocabulary) gives a GPU a model of real depth and width whose rollouts have the task's long tail.
+TINY_SHAPES = {
+    "tiny": (tiny_args, 3e-3, 0),
+    "qwen2.5-1.5b": (lambda: ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=1536, n_layers=28, n_heads=12,
+                                       n_kv_heads=2, head_dim=128, intermediate_size=8960, rope_theta=1e6,
+                                       qkv_bias=True, tie_embeddings=True, arch="qwen2", max_seq_len=1024), 3e-4, 30),
+}
+
+
 def sft_batch(rows, tok, device):
     """Teacher-forcing batch: inputs, targets with the prompt and padding ignored (-100)."""
     seqs = [(tok.encode(r["prompt"]), tok.encode(r["solution"]) + [tok.eos_token_id]) for r in rows]
@@ -346,22 +356,26 @@ def sft_batch(rows, tok, device):
     return ids.to(device), labels.to(device)
 
 
-def tiny_preset(cache_dir, device="cpu", warmup_steps=300, batch_tokens=2048, lr=3e-3, seed=0, log=print):
-    """The tiny model after a short supervised warm-up on the synthetic task, cached in `cache_dir`.
-    Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be right on
-    short lists and often wrong on long ones, which leaves GRPO something to learn."""
+def tiny_preset(cache_dir, device="cpu", warmup_steps=300, batch_tokens=2048, seed=0, log=print, shape="tiny"):
+    """The tiny model (or another of TINY_SHAPES) after a short supervised warm-up on the synthetic task, cached in
+    `cache_dir`. Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be
+    right on short lists and often wrong on long ones, which leaves GRPO something to learn."""
+    if shape not in TINY_SHAPES:
+        raise ValueError(f"unknown tiny-task model {shape!r} (choose {', '.join(TINY_SHAPES)})")
+    make_args, lr, lr_warmup = TINY_SHAPES[shape]
     tok, data_dir = CharTokenizer(), os.path.join(cache_dir, "tiny_task")
     if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
         write_tiny_task(data_dir)
-    model = Transformer(tiny_args()).to(device)
-    ckpt = os.path.join(cache_dir, f"tiny_warmup_{warmup_steps}steps_seed{seed}.pt")
+    model = Transformer(make_args()).to(device)
+    name = "tiny" if shape == "tiny" else f"tiny_{shape}"
+    ckpt = os.path.join(cache_dir, f"{name}_warmup_{warmup_steps}steps_seed{seed}.pt")
     if os.path.exists(ckpt):
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         return model, tok, data_dir
     import datasets
     rows = list(datasets.load_dataset("json", data_files=os.path.join(data_dir, "train.jsonl"), split="train"))
     torch.manual_seed(seed)
-    model = Transformer(tiny_args()).to(device)
+    model = Transformer(make_args()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng, t0, step = random.Random(seed), time.time(), 0
     while step < warmup_steps:
@@ -378,9 +392,10 @@ def tiny_preset(cache_dir, device="cpu", warmup_steps=300, batch_tokens=2048, lr
         rng.shuffle(batches)
         for batch in batches[:warmup_steps - step]:
             ids, labels = sft_batch(batch, tok, device)
-            loss = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten())
-            for g in opt.param_groups:  # linear decay
-                g["lr"] = lr * max(0.05, 1 - step / warmup_steps)
+            with torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda):
+                loss = F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())
+            for g in opt.param_groups:  # linear warm-up (deep models), linear decay
+                g["lr"] = lr * min(1, (step + 1) / (lr_warmup + 1)) * max(0.05, 1 - step / warmup_steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

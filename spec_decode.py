@@ -144,9 +144,9 @@ def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq
 
 def verify_step(model, st, slots, tree: Tree, cfg):
     """Verify a draft tree and commit what the target accepts (see `verify`)."""
-    h, new_tokens, count = cfg.graphs(cfg.key(f"verify{tree.max_depth}"), lambda *a: verify(model, cfg, tree.max_depth, *a),
-                                      slots, st.lens[slots], tree.tokens, tree.parents, tree.depth, tree.mask,
-                                      st.seq_ids[slots], st.n_gen[slots])
+    fn = lambda *a: verify(model, cfg, tree.max_depth, *a)
+    h, new_tokens, count = cfg.graphs(cfg.key(f"verify{tree.max_depth}"), fn, slots, st.lens[slots], tree.tokens,
+                                      tree.parents, tree.depth, tree.mask, st.seq_ids[slots], st.n_gen[slots])
     commit(st, slots, h, new_tokens, count)
     return new_tokens, count
 
@@ -233,7 +233,8 @@ def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
     for d in range(1, depth):
         n = beam_tok.shape[1]
         pos = lens[:, None] + torch.arange(n, device=dev) // k  # [B, n]: depth-j beams sit at lens + j - 1
-        h_last = drafter.hidden(beam_tok, beam_in_h, pos, Ctx(slots=slots, cache_lens=lens, tree_mask=beam_mask))[:, -k:]
+        ctx = Ctx(slots=slots, cache_lens=lens, tree_mask=beam_mask)
+        h_last = drafter.hidden(beam_tok, beam_in_h, pos, ctx)[:, -k:]  # [B, k, H] the current beams
         child_score, child_tok = torch.log_softmax(drafter.logits(h_last).float(), -1).topk(k, -1)  # [B, k, k]
         child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k] cumulative log-probs
         child_tok = child_tok.flatten(1)
@@ -633,7 +634,8 @@ def bench():
         rows.append(dict(batch=b, tokens=sp["tokens"], plain_tok_s=round(sp["tokens"] / t_p, 1),
                          sd_tok_s=round(ss["tokens"] / t_s, 1), speedup=round(t_p / t_s, 3),
                          accept_len=round(ss["accept_len"], 3), identical=out_p == out_s, arms=ss["arms"],
-                         graph_pool_mb=round(ss["graph_pool_mb"], 1), graph_errors=sp["graph_errors"] + ss["graph_errors"]))
+                         graph_pool_mb=round(ss["graph_pool_mb"], 1),
+                         graph_errors=sp["graph_errors"] + ss["graph_errors"]))
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arms"))
     print(json.dumps(dict(device=name, model=args.model or "tiny", drafter="learned" if learned else "ngram",
                           temperature=args.temperature, top_p=args.top_p, new_tokens=new_tokens, results=rows)))

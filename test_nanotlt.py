@@ -1390,7 +1390,8 @@ def test_bad_input_exits_with_one_line(tiny_cache, tmp_path):
     for argv, words in [(["--bogus", "1"], "unknown argument"), (["--preset", "huge"], "unknown preset"),
                         (["--steps", "x"], "takes a int"), (["--prompts_per_step=0"], "must be at least 1"),
                         (["--preset", "tiny", "--dataset", str(tmp_path / "none.jsonl")], "cannot load dataset"),
-                        (["--preset", "tiny", "--max_new_tokens", "5000"], "no room for a prompt")]:
+                        (["--preset", "tiny", "--max_new_tokens", "5000"], "no room for a prompt"),
+                        (["--preset", "tiny", "--model", "tiny:huge"], "unknown tiny-task model")]:
         p = subprocess.run([sys.executable, "train.py", *argv, "--out", str(tmp_path / "o")], capture_output=True,
                            text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)), timeout=120)
         assert p.returncode != 0 and words in p.stderr.strip().splitlines()[-1], (argv, p.stderr[-300:])

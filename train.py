@@ -6,6 +6,7 @@
     python train.py --steps 20 --out out/run1    # any config field can be overridden: --key value
     python train.py --resume                     # continue from the latest checkpoint in --out
     python train.py --bench                      # the same steps with SD off and on; last line JSON
+    python train.py --preset tiny --model tiny:qwen2.5-1.5b   # the tiny task, a model of real shape (GPU)
 
 One step on one rank: rollout with SD and the spot trainer -> rewards -> group advantages -> update ->
 weights into the inference copy -> drafter averaged across ranks -> metrics -> checkpoint (DESIGN.md §3).
@@ -146,9 +147,9 @@ def all_reduce_dict(d, device, op=None):
 
 def load_models(cfg, device):
     """The policy (fp32 weights for the optimizer), its inference copy (bf16 on GPU) and the tokenizer."""
-    if cfg.model == "tiny":
+    if cfg.model.split(":")[0] == "tiny":  # "tiny", or "tiny:SHAPE": a model of another shape on the tiny task
         cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
-        policy, tok, data_dir = nanotlt.tiny_preset(cache, device=device)
+        policy, tok, data_dir = nanotlt.tiny_preset(cache, device=device, shape=cfg.model.partition(":")[2] or "tiny")
         if cfg.dataset == "tiny":
             cfg.dataset = os.path.join(data_dir, "train.jsonl")
             cfg.eval_dataset = cfg.eval_dataset or os.path.join(data_dir, "test.jsonl")
@@ -164,7 +165,8 @@ def load_models(cfg, device):
 def load_prompts(cfg, tok, source, split, max_prompt_len):
     rows, bad = rl.load_rows(source, split)
     for r in rows:
-        r["ids"] = rl.encode_prompt(tok, r["prompt"] + ("" if cfg.model == "tiny" else "\n" + rl.MATH_INSTRUCTION))
+        instruction = "" if cfg.model.startswith("tiny") else "\n" + rl.MATH_INSTRUCTION
+        r["ids"] = rl.encode_prompt(tok, r["prompt"] + instruction)
     too_long = [len(r["ids"]) for r in rows if len(r["ids"]) > max_prompt_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts of {source!r} are longer than the context allows "
