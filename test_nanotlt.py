@@ -1331,7 +1331,7 @@ def test_real_preset_path_on_a_hub_style_model_and_math_data(tiny_cache, tmp_pat
     logs = []
     history, policy, _ = train.train(cfg, log=logs.append)
     assert "12 train prompts (1 bad rows skipped)" in logs[0]
-    rows, _ = train.load_prompts(cfg, tok, str(data), "train", 480)
+    rows, _ = train.load_prompts(tok, str(data), "train", 480)
     assert tok.decode(rows[0]["ids"]).startswith("user: What is 0 plus 0?\n" + rl.MATH_INSTRUCTION) and rows[0]["answer"] == "0"
     (rec,) = history
     assert rec["drafter_train_steps"] >= 2 and math.isfinite(rec["loss"]) and "eval_accuracy" in rec

@@ -162,10 +162,10 @@ def load_models(cfg, device):
     return policy.train(), infer, tok
 
 
-def load_prompts(cfg, tok, source, split, max_prompt_len):
+def load_prompts(tok, source, split, max_prompt_len):
     rows, bad = rl.load_rows(source, split)
     for r in rows:
-        instruction = "" if cfg.model.startswith("tiny") else "\n" + rl.MATH_INSTRUCTION
+        instruction = "" if isinstance(tok, nanotlt.CharTokenizer) else "\n" + rl.MATH_INSTRUCTION  # tiny task: none
         r["ids"] = rl.encode_prompt(tok, r["prompt"] + instruction)
     too_long = [len(r["ids"]) for r in rows if len(r["ids"]) > max_prompt_len]
     if too_long:
@@ -347,8 +347,8 @@ def train(cfg, rank=0, world=1, log=print):
     if cfg.prompts_per_step % world or cfg.eval_prompts < world:
         raise ValueError(f"--prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the {world} ranks and "
                          f"--eval_prompts ({cfg.eval_prompts}) at least {world}")
-    rows, bad = load_prompts(cfg, tok, cfg.dataset, "train", max_prompt)
-    eval_rows, _ = load_prompts(cfg, tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)
+    rows, bad = load_prompts(tok, cfg.dataset, "train", max_prompt)
+    eval_rows, _ = load_prompts(tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref = copy.deepcopy(infer) if cfg.kl_coef else None  # the frozen initial policy, for the k3 KL
     drafter = trainer = bandit = None
