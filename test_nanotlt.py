@@ -1321,8 +1321,9 @@ def test_real_preset_path_on_a_hub_style_model_and_math_data(tiny_cache, tmp_pat
                                  eos_token_id=1, tie_word_embeddings=True)).save_pretrained(tmp_path / "qwen")
     tok.save_pretrained(tmp_path / "qwen")
     data = tmp_path / "gsm.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"})
-                            + "\n" for a in range(6) for b in range(2)) + '{"question": "no answer"}\n')
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a in range(6) for b in range(2)] + [{"question": "no answer"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg, _ = train.parse_args(["--preset", "real", "--model", str(tmp_path / "qwen"), "--dataset", str(data),
                                "--steps", "1", "--prompts_per_step", "4", "--group_size", "2", "--max_new_tokens",
                                "24", "--eval_every", "1", "--eval_prompts", "4", "--save_every", "1", "--lr", "1e-3",
@@ -1332,7 +1333,8 @@ def test_real_preset_path_on_a_hub_style_model_and_math_data(tiny_cache, tmp_pat
     history, policy, _ = train.train(cfg, log=logs.append)
     assert "12 train prompts (1 bad rows skipped)" in logs[0]
     rows, _ = train.load_prompts(tok, str(data), "train", 480)
-    assert tok.decode(rows[0]["ids"]).startswith("user: What is 0 plus 0?\n" + rl.MATH_INSTRUCTION) and rows[0]["answer"] == "0"
+    assert rows[0]["answer"] == "0"
+    assert tok.decode(rows[0]["ids"]).startswith("user: What is 0 plus 0?\n" + rl.MATH_INSTRUCTION)
     (rec,) = history
     assert rec["drafter_train_steps"] >= 2 and math.isfinite(rec["loss"]) and "eval_accuracy" in rec
     final = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl")][-1]
