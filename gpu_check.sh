@@ -10,9 +10,17 @@
 # A lent machine has about 15 minutes of device time per session, its start included: run core, then e2e.
 # What comes back in $OUT: log.txt (every step's output), results.jsonl (a line per step: its exit status and its
 # last line when that is JSON) and timeline*.png (the rollout pictures of the end-to-end benches).
+# The GPU image lacks `datasets` (and dill, multiprocess; its pyarrow may be too old): fetch them here first, as
+# wheels for its Python 3.12, and carry .whl (git-ignored, ~57 MB) with each device call; they are installed there.
+#     bash gpu_check.sh wheels               # here, once: downloads into .whl/
 #     PARTS=core OUT=gpu_out bash gpu_check.sh
 #     DRY=1 OUT=/tmp/dry bash gpu_check.sh   # on the CPU: the same steps on small shapes, to check the plumbing
 set -uo pipefail
+if [ "${1:-}" = wheels ]; then
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1
+fi
 OUT=${OUT:-gpu_out}
 DRY=${DRY:-0}
 mkdir -p "$OUT"
@@ -36,6 +44,12 @@ step() {
     esac
 }
 
+if [ "$DRY" != 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+step imports 30 $PY -c "import json, torch, triton, transformers, datasets, tqdm; print(json.dumps({m.__name__: \
+    m.__version__ for m in (torch, triton, transformers, datasets, tqdm)} | {'cuda': torch.cuda.is_available()}))"
 if [[ " $PARTS " == *" core "* ]]; then
 step kernels_check 45 $PY kernels.py
 step kernels_bench 60 $PY kernels.py --bench
