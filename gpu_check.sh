@@ -48,11 +48,11 @@ if [ "$DRY" != 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-step imports 30 $PY -c "import json, torch, triton, transformers, datasets, tqdm; print(json.dumps({m.__name__: \
+step imports 20 $PY -c "import json, torch, triton, transformers, datasets, tqdm; print(json.dumps({m.__name__: \
     m.__version__ for m in (torch, triton, transformers, datasets, tqdm)} | {'cuda': torch.cuda.is_available()}))"
 if [[ " $PARTS " == *" core "* ]]; then
-step kernels_check 45 $PY kernels.py
-step kernels_bench 60 $PY kernels.py --bench
+step kernels_check 40 $PY kernels.py
+step kernels_bench 75 $PY kernels.py --bench
 step spec_tiny 75 $PY spec_decode.py --bench --batch 1,8,32 "${SMALL[@]}"
 TRITON_INTERPRET=0 step gpu_tests 90 $PY -m pytest -q -x test_nanotlt.py -k cuda  # uses the tiny preset just built
 $PY - "$OUT/qwen15b" <<'PYEOF'
@@ -72,7 +72,7 @@ tok.pre_tokenizer = pre_tokenizers.Whitespace()
 PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="w0").save_pretrained(sys.argv[1])
 PYEOF
 step spec_qwen15b_ngram 75 $PY spec_decode.py --bench --model "$OUT/qwen15b" --drafter ngram --batch 1,8,32 "${SMALL[@]}"
-step train_bench_tiny 120 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true --tail_training true \
+step train_bench_tiny 100 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true --tail_training true \
     --out "$OUT/train_bench"
 cp "$OUT/train_bench/timeline.png" "$OUT/timeline.png" 2>/dev/null
 fi
