@@ -128,6 +128,7 @@ def tree_attention(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_sc
     G = Hq // Hkv
     assert Hq == G * Hkv and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and D == triton.next_power_of_2(D)
     q = q if q.stride(-1) == 1 else q.contiguous()
+    slots, cache_lens = slots.contiguous(), cache_lens.contiguous()  # read as plain arrays (a column view is not)
     block_m, block_n, splits, warps, stages = _config(B, Hkv, G, T, L, D, q.dtype, q.device)
     splits = num_splits or splits
     qk_scale = (sm_scale if sm_scale is not None else D ** -0.5) * math.log2(math.e)

@@ -156,6 +156,20 @@ def test_sm_scale_and_causal_equals_chain_tree():
     torch.testing.assert_close(a, sdpa_dense(q, k, v, slots, lens, None, sm_scale=0.3), atol=1e-5, rtol=1e-5)
 
 
+def test_strided_slots_and_lens():
+    """The engine passes column views (e.g. t[:, 0] of a [B, n] position grid): the kernel must read row b's own
+    value, not the b-th element of the underlying storage."""
+    gen = torch.Generator().manual_seed(4)
+    k, v = torch.randn(4, 2, 40, 16, generator=gen), torch.randn(4, 2, 40, 16, generator=gen)
+    q = torch.randn(3, 4, 2, 16, generator=gen)
+    grid = torch.tensor([[3, 0, 0], [17, 1, 1], [30, 2, 2]])  # [B, 3]: lens in column 0, slots in column 1
+    lens, slots = grid[:, 0], grid[:, 1]
+    assert not lens.is_contiguous()
+    out = kernels.tree_attention(q, k, v, slots, lens)
+    torch.testing.assert_close(out, kernels.tree_attention_ref(q, k, v, slots.clone(), lens.clone()), atol=1e-5,
+                               rtol=1e-5)
+
+
 def compact_loop(k, v, slots, lens, idx, alen):
     for b in range(len(slots)):
         s, n = int(slots[b]), int(lens[b])
