@@ -434,10 +434,14 @@ class Run:
 
 
 def ensure_cache(module, n_slots, max_len):
-    """Keep one static cache across calls (CUDA graphs hold its address); grow it only when too small."""
-    k = getattr(module, "k_cache", None)
-    if k is None or k.shape[1] < n_slots or k.shape[3] < max_len:
+    """Keep one static cache across calls (CUDA graphs hold its address). Reallocate it only when it is too small
+    (then to the larger of old and new in each dimension, so eval and rollout calls don't swap it back and forth)
+    or when the module moved to another device or dtype."""
+    k, w = getattr(module, "k_cache", None), next(module.parameters())
+    if k is None or k.device != w.device or k.dtype != w.dtype:
         module.setup_cache(n_slots, max_len)
+    elif k.shape[1] < n_slots or k.shape[3] < max_len:
+        module.setup_cache(max(n_slots, k.shape[1]), max(max_len, k.shape[3]))
 
 
 def make_state(prompts, L, dev, hidden_dim=None, dtype=torch.float32, seq_ids=None, group_ids=None):

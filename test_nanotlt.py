@@ -769,6 +769,20 @@ def test_bandit_falls_back_with_a_useless_drafter(tiny):
     assert late.count("plain") >= 0.8 * len(late) and s["arms"][2][0] == "plain"
 
 
+def test_cache_follows_the_module_and_only_grows():
+    a = nanotlt.ModelArgs(vocab_size=20, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=48)
+    model = nanotlt.Transformer(a)
+    sd.ensure_cache(model, 5, 40)
+    k = model.k_cache
+    sd.ensure_cache(model, 3, 30)
+    assert model.k_cache is k  # big enough: kept (CUDA graphs hold its address)
+    sd.ensure_cache(model, 4, 60)
+    assert model.k_cache.shape[1] == 5 and model.k_cache.shape[3] == 60  # the larger of old and new in each
+    model.double()  # a module moved to another dtype (or device, e.g. a deep copy sent to the GPU) gets a new cache
+    sd.ensure_cache(model, 4, 60)
+    assert model.k_cache.dtype == torch.float64 and model.layers[0].self_attn.k_cache.dtype == torch.float64
+
+
 def test_graph_pool_follows_the_tensors_it_captured(llama):
     """Graphs replay raw addresses: the pool survives calls and in-place weight updates, is rebuilt when the
     target's cache is reallocated, and drops the drafter's graphs when another drafter comes."""
