@@ -26,10 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanotlt import Block, Ctx, rope_cos_sin, rope_inv_freq, save_safetensors, setup_cache
+from nanotlt import Block, Ctx, RopeFP32, rope_cos_sin, rope_inv_freq, save_safetensors, setup_cache
 
 
-class Drafter(nn.Module):
+class Drafter(RopeFP32):
     """EAGLE-1 drafter. Only `fc` and `layers.0` are its own weights (named as EAGLE checkpoints name them);
     the embedding, final norm and LM head are the target's, shared and frozen, never copied."""
 
@@ -40,6 +40,9 @@ class Drafter(nn.Module):
         self.layers = nn.ModuleList([Block(a, input_norm=False)])
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
         object.__setattr__(self, "target", target)  # a plain reference: not a submodule, not in state_dict
+
+    def rope_args(self):
+        return self.target.args
 
     @classmethod
     def from_target(cls, target):

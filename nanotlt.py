@@ -189,7 +189,17 @@ def setup_cache(layers, n_slots, max_len, device, dtype):
     return k, v
 
 
-class Transformer(nn.Module):
+class RopeFP32(nn.Module):
+    """A module with RoPE frequencies `inv_freq` kept in fp32 through .to(bf16): a bf16 frequency is off by up to
+    0.4%, which shifts the angle at position 8k by radians. Subclasses say whose `rope_args()` they use."""
+
+    def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .bfloat16() ... go through
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.rope_args()).to(self.inv_freq.device)
+        return self
+
+
+class Transformer(RopeFP32):
     """The target (policy) model. Module names follow HF's Llama/Qwen2 so checkpoints load key for key."""
 
     def __init__(self, a: ModelArgs):
@@ -204,6 +214,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
         self.k_cache = self.v_cache = None
         self.grad_checkpointing = False  # recompute each layer in backward: long responses need it
+
+    def rope_args(self):
+        return self.args
 
     def hidden(self, input_ids, positions=None, ctx: Ctx | None = None):
         """Last-layer hidden states [B, T, H], before the final norm (what the drafter consumes)."""

@@ -320,6 +320,16 @@ def test_greedy_matches_transformers_generate(llama):
         assert o == ref
 
 
+def test_rope_frequencies_stay_fp32():
+    a = nanotlt.ModelArgs(vocab_size=20, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=48,
+                          rope_theta=1e6)
+    model = nanotlt.Transformer(a).to(torch.bfloat16)
+    drafter = Drafter.from_target(model)  # converted to the target's dtype too
+    for m in (model, drafter, copy.deepcopy(drafter).float()):
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, nanotlt.rope_inv_freq(a))
+    assert model.embed_tokens.weight.dtype == drafter.fc.weight.dtype == torch.bfloat16
+
+
 def test_from_pretrained_errors(tmp_path):
     from transformers import GPT2Config
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=40).save_pretrained(tmp_path / "gpt2")
