@@ -80,7 +80,7 @@ def soft_ce(target, pred, want):
     weights are detached: gradients reach pred, never the shared target (which may be the policy itself)."""
     with torch.no_grad():
         p = torch.softmax(target.logits(want).float(), -1)  # [n, V]
-    norm = torch.func.functional_call(target.norm, {"weight": target.norm.weight.detach()}, (pred,))
+    norm = target.norm(pred, target.norm.weight.detach())  # no swapped-in weight: other threads use this module
     return -(p * torch.log_softmax(F.linear(norm, target.lm_head.weight.detach()).float(), -1)).sum(-1)
 
 
@@ -105,8 +105,9 @@ def drafter_loss(drafter, tokens, hidden, loss_mask, positions=None, attn_mask=N
 
 
 class DraftBuffer:
-    """Step-tagged samples (tokens [n], the target's hidden states [n, H], prompt length) on the CPU (pinned
-    when CUDA is there, for fast copies), at most `max_tokens` in all: the oldest steps are dropped first."""
+    """Step-tagged samples (tokens [n], the target's hidden states [n, H], prompt length) on the CPU, at most
+    `max_tokens` in all: the oldest steps are dropped first. Only a packed batch is pinned (for a fast copy to the
+    GPU): pinned blocks are rounded up to powers of two and never returned, a whole pinned store would hold GBs."""
 
     def __init__(self, max_tokens=1 << 21, dtype=None):
         self.max_tokens, self.dtype, self.pin = max_tokens, dtype, torch.cuda.is_available()
@@ -123,7 +124,6 @@ class DraftBuffer:
         with torch.inference_mode(False):  # on_finish runs in inference mode, whose tensors autograd can't save
             tok = tokens[:n].detach().to("cpu", torch.long, copy=True)
             h = hidden[:n].detach().to("cpu", self.dtype or hidden.dtype, copy=True)  # [n, H]
-            h = h.pin_memory() if self.pin else h
         with self.lock:
             self.count += 1
             samples, key = self.steps.setdefault(step, {}), ("auto", self.count) if key is None else key
@@ -228,6 +228,8 @@ class SpotTrainer:
 
     def _run(self):
         try:
+            if self.device.type == "cuda":  # a new thread starts on GPU 0: it would open a context there
+                torch.cuda.set_device(self.device)
             self._train_while(None, lambda: not self._stop.is_set(), wait_for_data=True)
         except BaseException as e:  # re-raised by stop(), in the caller's thread
             self._error = e

@@ -107,9 +107,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # normalise in fp32, like the HF reference, then cast back
+    def forward(self, x, weight=None):  # normalise in fp32, like the HF reference, then cast back
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        w = self.weight if weight is None else weight  # the drafter's loss passes the detached weight
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -130,6 +131,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx is None or ctx.slots is None:
             mask = None if ctx is None else ctx.mask
+            if mask is not None and self.n_kv_heads < self.n_heads:  # with a mask, GQA gets no fused GPU kernel
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for t in (k, v))  # [B, Hq, T, D]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:  # write the new K/V at cache_lens .. cache_lens+T-1 of each row's slot, then attend over the slot
             pos = ctx.cache_lens[:, None] + torch.arange(T, device=x.device)  # [B, T]
