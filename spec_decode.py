@@ -363,7 +363,7 @@ class GraphPool:
 
     def __init__(self, enabled, dummy_slot, sig=None):
         self.enabled, self.dummy_slot, self.sig = enabled and torch.cuda.is_available(), dummy_slot, sig
-        self.graphs, self.pool, self.bytes, self.errors = {}, None, 0, []
+        self.graphs, self.pool, self.bytes, self.errors, self.side = {}, None, 0, [], None
 
     def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors, rows first
         B = len(slots)
@@ -392,11 +392,14 @@ class GraphPool:
 
     def capture(self, fn, static):
         static[0].fill_(self.dummy_slot)  # the warm-up writes the dummy slot only
-        before, side = torch.cuda.memory_reserved(), torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocator, Triton compilation) outside the capture
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # as the capture will: what it frees must not make the pool's count negative
+        before = torch.cuda.memory_reserved()
+        self.side = self.side or torch.cuda.Stream()  # one warm-up stream: each stream gets its own cuBLAS workspace
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):  # warm up (allocator, Triton compilation) outside the capture
             fn(*static)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the spot trainer's thread may allocate and sync while this thread captures
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
