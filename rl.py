@@ -147,17 +147,19 @@ def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_hig
 
 def _chunk_logprobs(model, h, targets, temperature=1.0):
     logits = model.logits(h).float() / temperature  # [B, c, V] fp32: only one chunk's worth at a time
-    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # [B, c]
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, c], no 2nd [B, c, V]
 
 
-def token_logprobs(model, input_ids, chunk=1024, temperature=1.0):
+def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0):
     """logp[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]) and the hidden states h.
-    The trunk runs once; the head runs on `chunk` positions at a time, so the [B, T, V] fp32 logits
-    (V ~ 150k, T ~ 8k) never exist at once. With grad on, each chunk is checkpointed: backward
-    recomputes its logits instead of keeping them all alive. `temperature`: the log-probs of softmax(logits / T),
-    the distribution a rollout at temperature T sampled from. Returns (logp [B, T-1], h [B, T, H])."""
+    The trunk runs once; the head runs on about `chunk_tokens` tokens at a time (whole rows, a span of positions),
+    so the [B, T, V] fp32 logits (V ~ 150k) never exist at once: 4096 tokens are 2.5 GB. With grad on, each chunk
+    is checkpointed: backward recomputes its logits instead of keeping them all alive. `temperature`: the
+    log-probs of softmax(logits / T), the distribution a rollout at temperature T sampled from.
+    Returns (logp [B, T-1], h [B, T, H])."""
     h = model.hidden(input_ids)  # [B, T, H]
-    T = input_ids.shape[1]
+    B, T = input_ids.shape
+    chunk = max(1, chunk_tokens // B)  # positions per chunk
     grad = torch.is_grad_enabled() and h.requires_grad
     out = []
     for s in range(0, T - 1, chunk):

@@ -1218,25 +1218,25 @@ def test_mask_truncated():
     assert truncated == [False, True, False, False] and masked == [[1, 2, eos], [], [1, eos], [4, 5, eos]]
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 100])
-def test_token_logprobs_matches_full_logits(chunk):
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 4, 100])  # B = 2: 1, 1, 2, 50 positions a chunk
+def test_token_logprobs_matches_full_logits(chunk_tokens):
     torch.manual_seed(0)
     model = TinyLM()
     ids = torch.randint(0, 11, (2, 9))
     ref = model(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [2, 8]
     with torch.no_grad():
-        logp, h = rl.token_logprobs(model, ids, chunk=chunk)
+        logp, h = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens)
     assert logp.shape == (2, 8) and h.shape == (2, 9, 8)
     assert torch.allclose(logp, ref, atol=1e-6) and torch.allclose(h, model.hidden(ids))
     # with grad (chunks checkpointed): same values and same gradients as the direct computation
-    logp, _ = rl.token_logprobs(model, ids, chunk=chunk)
+    logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens)
     assert torch.allclose(logp, ref, atol=1e-6)
     g1 = torch.autograd.grad(logp.sum(), list(model.parameters()))
     g2 = torch.autograd.grad(ref.sum(), list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
     # at temperature T: the log-probs of softmax(logits / T), the distribution a rollout at T samples from
     with torch.no_grad():
-        logp, _ = rl.token_logprobs(model, ids, chunk=chunk, temperature=0.5)
+        logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=0.5)
     assert torch.allclose(logp, (model(ids)[:, :-1] / 0.5).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0],
                           atol=1e-5)
 
