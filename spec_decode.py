@@ -180,6 +180,10 @@ def read_pairs(drafter, slots, lens, x, h, t, prev=None):
     return picked if prev is None else torch.where(((last >= 0) & (last < t.shape[1]))[:, None], picked, prev)
 
 
+def drafter_lag(st, slots):  # the most pairs any row's drafter cache lacks (a host sync: callers pass it instead)
+    return max(1, int((st.lens[slots] - st.draft_lens[slots]).max()))
+
+
 def catch_up(drafter, st, slots, todo=None, chunk=512):
     """Run the drafter over the pairs (x_{t+1}, h_t), at position t, that it has not seen: t in [draft_lens, lens),
     the freshly committed tokens with the target's true hidden states. Rows share one window of `todo` pairs
@@ -187,8 +191,7 @@ def catch_up(drafter, st, slots, todo=None, chunk=512):
     lacks fewer recomputes a few pairs it has (same K/V). A row shorter than the window starts at 0 and writes
     past lens - 1, where nothing is read before it is rewritten. Returns the drafter's prediction of the pending
     token's hidden state [B, H]."""
-    lens = st.lens[slots]
-    todo = max(1, int((lens - st.draft_lens[slots]).max()) if todo is None else todo)
+    lens, todo = st.lens[slots], todo or drafter_lag(st, slots)
     start, root_h = (lens - todo).clamp(min=0), None
     for c0 in range(0, todo, chunk):
         root_h = read_pairs(drafter, slots, lens, *pairs(st, slots, start + c0, min(chunk, todo - c0)), root_h)
@@ -206,7 +209,7 @@ def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=No
     piece per batch bucket and tree shape. A longer catch-up (after plain decoding) runs eagerly, in chunks."""
     lens = st.lens[slots]
     pending = st.tokens[slots, lens][:, None]  # [B, 1]
-    todo = max(1, int((lens - st.draft_lens[slots]).max()) if todo is None else todo)
+    todo = todo or drafter_lag(st, slots)
     grow = lambda *a: grow_tree(drafter, depth, topk, n_verify, *a)
     if window is None or todo > window:
         root_h = catch_up(drafter, st, slots, todo)
