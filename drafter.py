@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import random
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -26,53 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanotlt import Block, Ctx, RopeFP32, rope_cos_sin, rope_inv_freq, save_safetensors, setup_cache
-
-
-class Drafter(RopeFP32):
-    """EAGLE-1 drafter. Only `fc` and `layers.0` are its own weights (named as EAGLE checkpoints name them);
-    the embedding, final norm and LM head are the target's, shared and frozen, never copied."""
-
-    def __init__(self, target):
-        super().__init__()
-        a = target.args
-        self.fc = nn.Linear(2 * a.dim, a.dim, bias=False)
-        self.layers = nn.ModuleList([Block(a, input_norm=False)])
-        self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
-        object.__setattr__(self, "target", target)  # a plain reference: not a submodule, not in state_dict
-
-    def rope_args(self):
-        return self.target.args
-
-    @classmethod
-    def from_target(cls, target):
-        w = target.embed_tokens.weight
-        return cls(target).to(device=w.device, dtype=w.dtype)
-
-    @classmethod
-    def load(cls, path, target):
-        """A drafter for `target` from an `export` directory or a checkpoint (model.safetensors, EAGLE names)."""
-        from safetensors.torch import load_file
-        f = path if path.endswith(".safetensors") else os.path.join(path, "model.safetensors")
-        state = {k.removeprefix("model."): v for k, v in load_file(f).items()}
-        drafter = cls.from_target(target)  # strict: fails loudly if the shapes do not fit this target
-        drafter.load_state_dict({k: v for k, v in state.items() if k.startswith(("fc.", "layers."))})
-        return drafter
-
-    def hidden(self, tokens, h, positions, ctx=None):
-        """tokens [B, T] = x_{t+1}, h [B, T, H] = target h_t, positions [B, T] = t  ->  predicted h_{t+1}."""
-        with torch.no_grad():  # the shared embedding is frozen
-            emb = self.target.embed_tokens(tokens)
-        x = self.fc(torch.cat((emb, h.to(emb.dtype)), dim=-1))
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        return self.layers[0](x, cos, sin, ctx)
-
-    def logits(self, h):
-        return self.target.logits(h)
-
-    def setup_cache(self, n_slots, max_len, dtype=None):
-        dtype = dtype or self.fc.weight.dtype
-        self.k_cache, self.v_cache = setup_cache(self.layers, n_slots, max_len, self.fc.weight.device, dtype)
+from nanotlt import ENGINES, Ctx, Drafter, export_eagle, save_safetensors
 
 
 def soft_ce(target, pred, want):
@@ -80,28 +35,54 @@ def soft_ce(target, pred, want):
     weights are detached: gradients reach pred, never the shared target (which may be the policy itself)."""
     with torch.no_grad():
         p = torch.softmax(target.logits(want).float(), -1)  # [n, V]
-    norm = target.norm(pred, target.norm.weight.detach())  # no swapped-in weight: other threads use this module
-    return -(p * torch.log_softmax(F.linear(norm, target.lm_head.weight.detach()).float(), -1)).sum(-1)
+    return -(p * torch.log_softmax(F.linear(pred, target.lm_head.weight.detach()).float(), -1)).sum(-1)
 
 
-def drafter_loss(drafter, tokens, hidden, loss_mask, positions=None, attn_mask=None, ce_weight=0.1):
-    """tokens [B, N], hidden [B, N, H] (the target's h_t at token t), loss_mask [B, N] (x_t is a response
-    token), positions [B, N], attn_mask [B, 1, N, N] bool (None: causal). The pair (x_{t+1}, h_t) at position t
-    predicts h_{t+1}. Packed, the pair straddling two samples predicts the next one's first token (a prompt
+NOISE = ("uniform", "gaussian", "none")
+
+
+def add_noise(h, kind, scale, generator=None):
+    """EAGLE's augmentation of the input features, so that the drafter copes with its own imperfect features
+    when it drafts several tokens ahead: uniform noise in [-scale/2, scale/2] (EAGLE: scale 0.2 x 512 / L for a
+    sequence of L tokens, ±0.1 at L = 512; ours does not shrink with the packed length) or Gaussian noise of
+    std `scale`."""
+    if kind == "none" or not scale:
+        return h
+    if kind not in NOISE:
+        raise ValueError(f"unknown noise {kind!r} (choose {', '.join(NOISE)})")
+    r = torch.rand if kind == "uniform" else torch.randn
+    n = r(h.shape, generator=generator, device=h.device, dtype=torch.float32)
+    return h + ((n - 0.5 if kind == "uniform" else n) * scale).to(h.dtype)
+
+
+def drafter_loss(drafter, tokens, hidden, loss_mask, positions=None, attn_mask=None, ce_weight=0.1, noise=None,
+                 ce_tokens=None, generator=None):
+    """tokens [B, N], hidden [B, N, H] (the target's feature f_t at token t), loss_mask [B, N] (x_t is a response
+    token), positions [B, N], attn_mask [B, 1, N, N] bool (None: causal). The pair (x_{t+1}, f_t) at position t
+    predicts f_{t+1}. Packed, the pair straddling two samples predicts the next one's first token (a prompt
     token: no loss) and is last in its block (nobody attends to it), so packing changes nothing.
+    EAGLE's loss: SmoothL1(f_pred, f) + ce_weight x soft cross-entropy against the target's softmax, with
+    `noise` = (kind, scale) added to the input features (see add_noise). The cross-entropy runs the LM head
+    over the vocabulary twice per token, most of a step on a CPU: `ce_tokens` takes it on that many random
+    predicted tokens, rescaled to the whole (the same loss in expectation).
     Returns (loss summed over the predicted response tokens, their number)."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     ctx = None if attn_mask is None else Ctx(mask=attn_mask[..., :-1, :-1])
-    pred = drafter.hidden(tokens[:, 1:], hidden[:, :-1], positions[:, :-1], ctx)  # [B, N-1, H]
+    f_in = hidden[:, :-1] if noise is None else add_noise(hidden[:, :-1], *noise, generator=generator)
+    pred = drafter.hidden(tokens[:, 1:], f_in, positions[:, :-1], ctx)  # [B, N-1, H]
     m = loss_mask[:, 1:].bool()
     pred, want = pred[m], hidden[:, 1:][m].to(pred.dtype)  # [n, H]: only response tokens reach the head
+    l1 = F.smooth_l1_loss(pred.float(), want.float(), reduction="none").mean(-1)  # [n]
+    n, scale = len(pred), 1.0
+    if ce_tokens is not None and ce_tokens < n:
+        pick = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")[:ce_tokens]
+        pred, want, scale = pred[pick.to(pred.device)], want[pick.to(pred.device)], n / ce_tokens
     # in chunks of c tokens, so that [c, V] fp32 logits stay under 512 MB; the backward recomputes them
     c = max(1, 2 ** 27 // drafter.target.args.vocab_size)
     ce = sum(checkpoint(soft_ce, drafter.target, pred[i:i + c], want[i:i + c], use_reentrant=False).sum()
              for i in range(0, len(pred), c))
-    l1 = F.smooth_l1_loss(pred.float(), want.float(), reduction="none").mean(-1)  # [n]
-    return l1.sum() + ce_weight * ce, m.sum()
+    return l1.sum() + ce_weight * scale * ce, m.sum()
 
 
 class DraftBuffer:
@@ -136,28 +117,32 @@ class DraftBuffer:
                 if not self.steps[first]:
                     del self.steps[first]
 
-    def batch(self, step, max_tokens, rng, device="cpu"):
+    def batch(self, step, max_tokens, rng, device="cpu", min_window=16):
         """Samples of step-1 (the last rollout's complete sequences, the long ones included) and of step
-        (finished in this rollout) in random order, packed into one sequence of at most max_tokens (only a
-        sample alone in its batch is cropped). Returns drafter_loss's keyword arguments, or None."""
+        (finished in this rollout) in random order, packed into one sequence of at most max_tokens. A sample
+        longer than the room left gives a random window of it (at least `min_window` tokens, at least one
+        response token) that keeps its true positions: the far end of a long response is learned as often
+        as its start. Returns drafter_loss's keyword arguments, or None."""
         with self.lock:
             pool = [s for k in (step - 1, step) for s in self.steps.get(k, {}).values()]
         rng.shuffle(pool)
         parts, total = [], 0
         for tok, h, n_prompt in pool:
-            n = len(tok) if parts else min(len(tok), max_tokens)
-            if total + n <= max_tokens and n > n_prompt:
-                parts.append((tok[:n], h[:n], n_prompt))
-                total += n
+            n = min(len(tok), max_tokens - total)
+            if n < min(len(tok), min_window):
+                continue
+            lo = rng.randint(max(0, n_prompt + 1 - n), len(tok) - n)  # the window ends past the prompt
+            parts.append((tok[lo:lo + n], h[lo:lo + n], n_prompt, lo))
+            total += n
         if not parts:
             return None
-        seg = torch.cat([torch.full((len(t),), i) for i, (t, _, _) in enumerate(parts)]).to(device)  # [N]
-        pos = torch.cat([torch.arange(len(t)) for t, _, _ in parts]).to(device)  # [N], from 0 in each sample
-        n_prompt = torch.tensor([p for _, _, p in parts], device=device)[seg]  # [N]
-        hidden = torch.cat([h for _, h, _ in parts])  # [N, H]
+        seg = torch.cat([torch.full((len(t),), i) for i, (t, *_) in enumerate(parts)]).to(device)  # [N]
+        pos = torch.cat([torch.arange(lo, lo + len(t)) for t, _, _, lo in parts]).to(device)  # [N] true positions
+        n_prompt = torch.tensor([p for _, _, p, _ in parts], device=device)[seg]  # [N]
+        hidden = torch.cat([h for _, h, _, _ in parts])  # [N, H]
         hidden = hidden.pin_memory() if self.pin else hidden
         attn = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])  # [N, N] block-diagonal causal
-        return dict(tokens=torch.cat([t for t, _, _ in parts]).to(device)[None], positions=pos[None],
+        return dict(tokens=torch.cat([t for t, *_ in parts]).to(device)[None], positions=pos[None],
                     hidden=hidden.to(device, non_blocking=True)[None], loss_mask=(pos >= n_prompt)[None],
                     attn_mask=attn[None, None])
 
@@ -168,18 +153,21 @@ class SpotTrainer:
     phase: "tail" (during the rollout), "idle" (this rank done, others not), "topup" (after the rollout)."""
 
     def __init__(self, serving, lr=3e-4, max_tokens=8192, buffer_tokens=1 << 21, ckpt_dir=None, ckpt_every=0,
-                 grad_clip=1.0, weight_decay=0.0, seed=0):
+                 grad_clip=1.0, weight_decay=0.0, seed=0, noise=("uniform", 0.2), ce_tokens=None):
         self.serving, self.device, dtype = serving, serving.fc.weight.device, serving.fc.weight.dtype
         # fp32 master weights (a bf16 weight would round most AdamW updates away), bf16 compute under autocast
-        self.model = Drafter.from_target(serving.target).float()
+        self.model = Drafter.from_target(serving.target, fc_bias=serving.fc.bias is not None).float()
         self.model.load_state_dict(serving.state_dict())
         self.autocast = lambda: torch.autocast(self.device.type, dtype, enabled=dtype != torch.float32)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.buffer = DraftBuffer(buffer_tokens, dtype)
         self.max_tokens, self.grad_clip, self.rng = max_tokens, grad_clip, random.Random(seed)
+        self.noise, self.ce_tokens = noise, ce_tokens
+        self.gen = torch.Generator(self.device).manual_seed(seed)  # noise and the CE's tokens: not the global RNG
         self.ckpt_dir, self.ckpt_every = ckpt_dir, ckpt_every
         self.data_step, self.phase, self.opt_steps = 0, "tail", 0
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the lowest priority: the rollout's kernels (on a high-priority stream) go first
+        self.stream = torch.cuda.Stream(self.device, priority=0) if self.device.type == "cuda" else None
         self._stop, self._thread, self._saver, self._error = threading.Event(), None, None, None
         self._lock = threading.Lock()  # one optimizer step or one checkpoint snapshot at a time
         self._save_lock = threading.Lock()  # one save in flight
@@ -202,7 +190,8 @@ class SpotTrainer:
             return False
         with self._lock:
             with self.autocast():
-                loss_sum, n = drafter_loss(self.model, **b)
+                loss_sum, n = drafter_loss(self.model, **b, noise=self.noise, ce_tokens=self.ce_tokens,
+                                           generator=self.gen)
             loss = loss_sum / n.clamp(min=1)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -305,7 +294,7 @@ class SpotTrainer:
             with self._lock:  # between two optimizer steps: a consistent snapshot
                 weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 state = dict(opt=copy.deepcopy(self.opt.state_dict()), opt_steps=self.opt_steps,
-                             data_step=self.data_step, rng=self.rng.getstate())
+                             data_step=self.data_step, rng=list(self.rng.getstate()[1]), gen=self.gen.get_state())
             self._saver = threading.Thread(target=write_checkpoint, args=(path, weights, state))
             self._saver.start()
 
@@ -333,7 +322,8 @@ class SpotTrainer:
             self.serving.load_state_dict(weights)
             self.opt.load_state_dict(state["opt"])
             self.opt_steps, self.data_step = state["opt_steps"], state["data_step"]
-            self.rng.setstate(state["rng"])
+            self.rng.setstate((3, tuple(state["rng"]), None))
+            self.gen.set_state(state["gen"])
 
 
 def write_checkpoint(path, weights, state):
@@ -345,59 +335,84 @@ def write_checkpoint(path, weights, state):
         os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
 
 
-def export(drafter, out_dir, architecture=None):
-    """Write the drafter as an HF-style EAGLE-1 checkpoint: config.json (the target's Llama/Qwen2 config with one
-    layer; `bias` is EAGLE's flag for a bias on fc) and model.safetensors named as EAGLE names it (fc.weight,
-    layers.0.self_attn.q_proj.weight, ...; no input_layernorm). No embedding and no LM head: EAGLE-1 drafters
-    in SGLang / vLLM take both from the target. `architecture` overrides the name an engine may want (SGLang's
-    EAGLE-1 drafts are "LlamaForCausalLMEagle" / "Qwen2ForCausalLMEagle")."""
-    a, dtype = drafter.target.args, drafter.fc.weight.dtype
-    qwen = getattr(a, "arch", "qwen2" if a.qkv_bias else "llama") == "qwen2"
-    cfg = dict(architectures=[architecture or ("Qwen2ForCausalLM" if qwen else "LlamaForCausalLM")],
-               model_type="qwen2" if qwen else "llama",
-               hidden_size=a.dim, intermediate_size=a.intermediate_size, num_attention_heads=a.n_heads,
-               num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim, num_hidden_layers=1, vocab_size=a.vocab_size,
-               rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, rope_scaling=a.rope_scaling, hidden_act="silu",
-               attention_bias=a.qkv_bias, bias=False, max_position_embeddings=getattr(a, "max_seq_len", 4096),
-               tie_word_embeddings=False, torch_dtype=str(dtype).removeprefix("torch."))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
-    save_safetensors(drafter.state_dict(), os.path.join(out_dir, "model.safetensors"))
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Offline warm-up: the target writes its own training text (self-distillation), the drafter learns it.
+# Offline training: the target writes its own training text (self-distillation), the drafter learns it.
+
+_TEMPLATES = ("Explain how {} works.", "Write a short story about {}.", "What are the pros and cons of {}?",
+              "Give me three practical tips about {}.", "Describe {} to a ten-year-old.", "Write a poem about {}.",
+              "What is the history of {}?", "Write a short email to a friend about {}.",
+              "What are common misconceptions about {}?", "Plan a one-day lesson about {}.")
+_SUBJECTS = ("rainbows", "the moon", "bicycles", "volcanoes", "a lighthouse", "coffee", "photosynthesis",
+             "the internet", "chess", "vaccines", "honey bees", "the ocean", "electric cars", "gardening", "libraries",
+             "friendship", "recycling", "the Roman Empire", "airplanes", "jazz", "earthquakes", "bread baking",
+             "solar panels", "penguins", "the printing press", "running a marathon", "black holes", "origami",
+             "public transport", "the water cycle", "learning a language", "dinosaurs", "video games", "tea",
+             "mountains", "museums", "robots", "rivers", "the Olympic Games", "cats", "dogs", "rain forests",
+             "recipes for soup", "time zones", "the human heart", "money", "trees", "saving energy",
+             # held out: the CLI measures acceptance on these subjects only
+             "the stock market", "snow", "a haunted house", "spiders", "the Eiffel Tower", "sleep", "glass",
+             "pirates")
+_HELD_OUT = 8
 
 
-GENERIC_PROMPTS = ("Explain how a rainbow forms.", "Why is the sky blue?", "Write a short story about a lighthouse.",
-                   "List five uses of a paperclip.", "What is 17 * 23?", "How does a bicycle stay upright?",
-                   "Summarise the rules of chess.", "How do vaccines work?")  # for models other than the tiny one
+def builtin_prompts(held_out=False):
+    """Offline prompts for the offline CLI: templates x subjects, and small arithmetic word problems; the
+    held-out set shares no subject and no number pair with the training set."""
+    subjects = _SUBJECTS[-_HELD_OUT:] if held_out else _SUBJECTS[:-_HELD_OUT]
+    out = [t.format(s) for s in subjects for t in _TEMPLATES]
+    rng = random.Random(1 if held_out else 0)
+    for _ in range(len(subjects)):  # a math flavour, as RL prompts have
+        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        if (a % 2 == 0) == held_out:  # even a: train, odd a: held out
+            out.append(f"I have {a} apples and buy {b} more. How many do I have now? Think step by step.")
+    random.Random(2).shuffle(out)
+    return out
 
 
-def self_generated(target, prompts, max_new, eos, seed=0, batch=256):
-    """The target's own sampled responses (temperature 1) with its hidden states: [(tokens, hidden, n_prompt)]."""
+def load_prompt_texts(source):
+    """Prompt texts from "builtin", a .jsonl/.json file with a prompt (question, problem, instruction) field, or
+    a dataset name."""
+    if source == "builtin":
+        return builtin_prompts()
+    import rl
+    return [r["prompt"] for r in rl.load_rows(source, answers=False)[0]]
+
+
+def self_generated(target, prompts, max_new, eos, seed=0, temperature=1.0, batch=None, progress=False):
+    """The target's own responses with its features: [(tokens, hidden, n_prompt)], in batches of rows."""
     from spec_decode import generate
-    data = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        generate(target, chunk, max_new, temperature=1.0, seed=seed + i, eos_id=eos,
-                 on_finish=lambda j, t, h: data.append((t.cpu(), h.cpu(), len(chunk[j]))))
+    from tqdm import tqdm
+    data, batch = [], batch or (256 if target.inv_freq.is_cuda else 64)
+    with tqdm(total=len(prompts), desc="self-distillation data", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            generate(target, chunk, max_new, temperature=temperature, seed=seed + i, eos_id=eos,
+                     on_finish=lambda j, t, h: data.append((t.cpu(), h.cpu(), len(chunk[j]))))
+            bar.update(len(chunk))
     return data
 
 
-def train_offline(target, prompts, eos, steps=300, lr=3e-3, batch_tokens=2048, max_new=256, progress=False):
-    """A drafter trained on the target's own sampled responses to `prompts` (self-distillation), with the learning
-    rate decaying linearly to 10%. Returns the trainer; its serving drafter holds the trained weights."""
+def train_offline(target, prompts, eos, steps=300, lr=3e-3, batch_tokens=2048, max_new=256, progress=False,
+                  temperature=1.0, minutes=None, init=None, **trainer_kw):
+    """A drafter trained on the target's own responses to `prompts` (self-distillation), with the learning rate
+    decaying linearly to 10% over `steps` (or over `minutes` of training, whichever ends first). `init`: a
+    drafter to start from. Returns the trainer; its serving drafter holds the trained weights."""
     from tqdm import tqdm
-    trainer = SpotTrainer(Drafter.from_target(target), lr=lr, max_tokens=batch_tokens)
-    for tokens, hidden, n_prompt in self_generated(target, prompts, max_new, eos):
+    trainer = SpotTrainer(init or Drafter.from_target(target), lr=lr, max_tokens=batch_tokens, **trainer_kw)
+    for tokens, hidden, n_prompt in self_generated(target, prompts, max_new, eos, temperature=temperature,
+                                                   progress=progress):
         trainer.buffer.add(0, tokens, hidden, n_prompt)
-    for i in (bar := tqdm(range(steps), desc="drafter", disable=not progress)):
-        for g in trainer.opt.param_groups:  # the last steps polish
-            g["lr"] = lr * (1 - 0.9 * i / steps)
-        trainer.train_step()
-        bar.set_postfix(loss=f"{trainer.losses[-1]:.3f}")
+    t0, budget = time.perf_counter(), (minutes or float("inf")) * 60
+    with tqdm(total=steps, desc="drafter", disable=not progress) as bar:
+        for i in range(steps):
+            done = max(i / steps, (time.perf_counter() - t0) / budget)
+            if done >= 1:
+                break
+            for g in trainer.opt.param_groups:  # the last steps polish
+                g["lr"] = lr * (1 - 0.9 * done)
+            trainer.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{trainer.losses[-1]:.3f}")
     trainer.sync()  # the trained copy becomes the serving drafter
     return trainer
 
@@ -413,37 +428,59 @@ def main():
     import nanotlt
     import rl
     ap = argparse.ArgumentParser(description="Train an EAGLE drafter offline on the target's own text.")
-    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint (default: the tiny offline preset)")
+    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint, or smollm2 (default: the tiny offline preset)")
+    ap.add_argument("--prompts", default="builtin", help="a .jsonl with a prompt field, a dataset name, or builtin "
+                    "(offline: templates x subjects, acceptance measured on held-out subjects)")
+    ap.add_argument("--n_prompts", type=int, help="train on this many prompts (default: all; tiny: 512)")
+    ap.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts the acceptance is measured on")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--minutes", type=float, help="stop training after this many minutes (data generation apart)")
     ap.add_argument("--out", default="out/drafter")
+    ap.add_argument("--engine", default="sglang", choices=ENGINES, help="whose config.json the export carries")
+    ap.add_argument("--init", help="start from this drafter (an export, or a published EAGLE-1 checkpoint)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch_tokens", type=int, default=2048)
     ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training text")
+    ap.add_argument("--noise", default="uniform", choices=NOISE)
+    ap.add_argument("--noise_scale", type=float, default=0.2)
+    ap.add_argument("--ce_tokens", type=int, help="soft cross-entropy on this many tokens a step (default: all)")
     args = ap.parse_args()
     t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if args.model is None:
-        cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
-        target, tok, data = nanotlt.tiny_preset(cache, device)
-        train, test = ([tok.encode(r["prompt"]) for r in rl.load_rows(os.path.join(data, f))[0]][:n]
-                       for f, n in (("train.jsonl", 512), ("test.jsonl", 32)))
+        target, tok, data = nanotlt.tiny_preset(nanotlt.cache_dir(), device)
+        train, test = ([tok.encode(r["prompt"]) for r in rl.load_rows(os.path.join(data, f))[0]]
+                       for f in ("train.jsonl", "test.jsonl"))
+        train = train[:args.n_prompts or 512]
     else:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        target = nanotlt.Transformer.from_pretrained(args.model, device, dtype)
+        target = nanotlt.Transformer.from_pretrained(args.model, device,
+                                                     torch.bfloat16 if device == "cuda" else torch.float32)
         tok = nanotlt.load_tokenizer(args.model)
-        prompts = [rl.encode_prompt(tok, p) for p in GENERIC_PROMPTS]
-        train, test = prompts[:-2] * 4, prompts[-2:]  # 4 samples per prompt: sampling makes them differ
+        texts = load_prompt_texts(args.prompts)
+        test = builtin_prompts(held_out=True) if args.prompts == "builtin" else texts[-args.eval_prompts:]
+        train = texts if args.prompts == "builtin" else texts[:-args.eval_prompts]
+        if not train:
+            raise ValueError(f"{args.prompts!r}: no prompts left to train on after {args.eval_prompts} held out")
+        train, test = ([nanotlt.encode_prompt(tok, p) for p in ps] for ps in (train[:args.n_prompts], test))
+    test = test[:args.eval_prompts if args.model else 32]
     target.requires_grad_(False)
-    before = accept_len(target, Drafter.from_target(target), test, args.max_new_tokens, tok.eos_token_id)
+    init = Drafter.load(args.init, target) if args.init else None
+    before = accept_len(target, init or Drafter.from_target(target), test, args.max_new_tokens, tok.eos_token_id)
     trainer = train_offline(target, train, tok.eos_token_id, args.steps, args.lr, args.batch_tokens,
-                            args.max_new_tokens, progress=True)
+                            args.max_new_tokens, progress=True, temperature=args.temperature, minutes=args.minutes,
+                            init=init, noise=(args.noise, args.noise_scale), ce_tokens=args.ce_tokens)
     after = accept_len(target, trainer.serving, test, args.max_new_tokens, tok.eos_token_id)
     trainer.save(os.path.join(args.out, "checkpoint"))
-    export(trainer.serving, args.out)
-    print(json.dumps(dict(accept_len_before=round(before, 3), accept_len_after=round(after, 3), steps=args.steps,
-                          train_tokens=trainer.buffer.n_tokens, out=args.out,
-                          seconds=round(time.time() - t0, 1))))
+    export_eagle(trainer.serving, args.out, args.engine)
+    print(json.dumps(dict(accept_len_before=round(before, 3), accept_len_after=round(after, 3),
+                          steps=trainer.opt_steps, train_prompts=len(train), eval_prompts=len(test),
+                          train_tokens=trainer.buffer.n_tokens, out=args.out, seconds=round(time.time() - t0, 1))))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

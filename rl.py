@@ -174,7 +174,7 @@ def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0):
 # ----------------------------------------------------------------------------- data and prompts
 
 _HUB_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}
-_PROMPT_FIELDS = ("prompt", "question", "problem")
+_PROMPT_FIELDS = ("prompt", "question", "problem", "instruction")
 _ANSWER_FIELDS = ("answer", "solution")  # GSM8K's answer is a full solution; MATH has both
 
 
@@ -188,11 +188,12 @@ def _field(row, names):
     return None
 
 
-def load_rows(source, split="train"):
+def load_rows(source, split="train", answers=True):
     """Rows [{'prompt', 'answer'}] and the number of bad rows skipped. `source`: a local
     .jsonl/.json file (fields prompt/answer) or a hub dataset id (gsm8k question/answer, MATH-style
     problem/answer or problem/solution). Answers that are full solutions are reduced to their final
-    answer. Rows with a missing, empty or non-text field are skipped and counted."""
+    answer. Rows with a missing, empty or non-text field are skipped and counted. answers=False: prompts
+    only (rows {'prompt'}), e.g. to train a drafter."""
     import datasets  # here, not at the top: the rewards and the loss do not need it
     local = source.endswith((".json", ".jsonl")) or os.path.exists(source)
     try:
@@ -205,28 +206,16 @@ def load_rows(source, split="train"):
         raise ValueError(f"cannot load dataset {source!r}: {msg}") from None
     rows, bad = [], 0
     for row in ds:
-        prompt, answer = _field(row, _PROMPT_FIELDS), _field(row, _ANSWER_FIELDS)
-        if answer is not None and re.search(r"\\boxed|####", answer):
+        prompt, answer = _field(row, _PROMPT_FIELDS), _field(row, _ANSWER_FIELDS) if answers else ""
+        if answer and re.search(r"\\boxed|####", answer):
             answer = extract_answer(answer, fallback=False)
         if prompt is None or answer is None:
             bad += 1
             continue
-        rows.append({"prompt": prompt, "answer": answer})
+        rows.append({"prompt": prompt, "answer": answer} if answers else {"prompt": prompt})
     if not rows:
         raise ValueError(f"no usable rows in dataset {source!r} ({bad} bad rows skipped)")
     return rows, bad
-
-
-def encode_prompt(tokenizer, text, system=None):
-    """Token ids of a prompt, ending where the model's answer starts. Chat models get their chat
-    template (rendered as text, then encoded: the return type of tokenize=True varies across
-    transformers versions); plain tokenizers (the tiny preset's) get the raw text."""
-    if getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": text})
-        rendered = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer.encode(rendered, add_special_tokens=False))  # template has its own bos
-    return list(tokenizer.encode(f"{system}\n\n{text}" if system else text))
 
 
 # ----------------------------------------------------------------------------- self-demo

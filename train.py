@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 import nanotlt
 import rl
-from drafter import Drafter, SpotTrainer
+from drafter import SpotTrainer
+from nanotlt import Drafter
 from spec_decode import Bandit, generate
 
 
@@ -145,19 +146,27 @@ def all_reduce_dict(d, device, op=None):
     return dict(zip(d, all_reduce(torch.tensor(list(d.values()), dtype=torch.float64, device=device), op).tolist()))
 
 
-def load_models(cfg, device):
-    """The policy (fp32 weights for the optimizer), its inference copy (bf16 on GPU) and the tokenizer."""
+def load_models(cfg, device, world):
+    """The policy (fp32 weights for the optimizer; on the CPU for now when it is to be sharded, which moves each
+    rank's shard to its GPU), its inference copy (bf16 on a GPU) and the tokenizer. The tiny preset's warm-up is
+    built by the first rank of each node while the others wait (their node's cache may be its own)."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if cfg.model.split(":")[0] == "tiny":  # "tiny", or "tiny:SHAPE": a model of another shape on the tiny task
-        cache = os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
-        policy, tok, data_dir = nanotlt.tiny_preset(cache, device=device, shape=cfg.model.partition(":")[2] or "tiny")
+        if not first:
+            barrier()
+        policy, tok, data_dir = nanotlt.tiny_preset(nanotlt.cache_dir(), device="cpu" if world > 1 else device,
+                                                    shape=cfg.model.partition(":")[2] or "tiny")
+        if first:
+            barrier()
         if cfg.dataset == "tiny":
             cfg.dataset = os.path.join(data_dir, "train.jsonl")
             cfg.eval_dataset = cfg.eval_dataset or os.path.join(data_dir, "test.jsonl")
     else:
-        policy = nanotlt.Transformer.from_pretrained(cfg.model, device=device, dtype=torch.float32)
+        policy = nanotlt.Transformer.from_pretrained(cfg.model, device="cpu" if world > 1 else device,
+                                                     dtype=torch.float32)
         tok = nanotlt.load_tokenizer(cfg.model)
     policy.grad_checkpointing = cfg.grad_checkpointing
-    infer = copy.deepcopy(policy).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    infer = copy.deepcopy(policy).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     infer.requires_grad_(False)
     return policy.train(), infer, tok
 
@@ -166,7 +175,7 @@ def load_prompts(tok, source, split, max_prompt_len):
     rows, bad = rl.load_rows(source, split)
     for r in rows:
         instruction = "" if isinstance(tok, nanotlt.CharTokenizer) else "\n" + rl.MATH_INSTRUCTION  # tiny task: none
-        r["ids"] = rl.encode_prompt(tok, r["prompt"] + instruction)
+        r["ids"] = nanotlt.encode_prompt(tok, r["prompt"] + instruction)
     too_long = [len(r["ids"]) for r in rows if len(r["ids"]) > max_prompt_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts of {source!r} are longer than the context allows "
@@ -206,8 +215,9 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
 
 def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
     """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
-    response tokens, gradients summed across ranks. Returns the loss summed over this rank's micro-batches (the
-    ranks' sums add up to the batch loss). Raises on every rank together if any rank's loss is not finite."""
+    response tokens, gradients summed across ranks (FSDP2's reduce-scatter, summing). Returns the loss summed
+    over this rank's micro-batches (the ranks' sums add up to the batch loss). Raises on every rank together if
+    any rank's loss is not finite."""
     seqs = []  # (input ids, first response position, response length, advantage)
     for (_, row), out, a in zip(samples, outputs, adv.tolist()):
         seqs.append((row["ids"] + out, len(row["ids"]), len(out), a))
@@ -222,6 +232,10 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
         cur.append(i)
     batches.append(cur)
     batches = [[seqs[i] for i in b] for b in batches]
+    # sharded, every rank must run as many forward/backward passes (each gathers weights from all ranks): the
+    # ranks with fewer micro-batches add empty ones (a 2-token row, no response token: no loss, zero gradients)
+    n = int(all_reduce(torch.tensor(float(len(batches)), device=device), dist.ReduceOp.MAX).item())
+    batches += [[([0, 0], 1, 0, 0.0)]] * (n - len(batches))
     with torch.no_grad():  # the behaviour policy (for the clipped ratio) and the frozen reference (for the KL)
         T = cfg.temperature or 1.0  # greedy rollouts: plain log-probs
         old = [logprobs(policy, b, device, T)[0] for b in batches] if cfg.updates_per_rollout > 1 else None
@@ -236,10 +250,6 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
             total += loss.detach()
         if not all_reduce(torch.isfinite(total).float(), dist.ReduceOp.MIN).item():
             raise FloatingPointError("non-finite loss: try a lower --lr")
-        if world > 1:  # loss is already divided by the global token count: the sum is the batch mean
-            for p in policy.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -248,31 +258,65 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
 
 def logprobs(policy, seqs, device, temperature=1.0):
     """Log-probs of the response tokens under softmax(logits / temperature), the distribution the rollout sampled
-    from: (logp [B, T-1], mask [B, T-1], advantages [B])."""
+    from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute is bf16 (FSDP2's mixed precision,
+    or autocast for a single rank)."""
     T = max(len(s[0]) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     mask = torch.zeros(len(seqs), T - 1)  # mask[b, t]: token t+1 is a response token
     for b, (toks, start, n, _) in enumerate(seqs):
         ids[b, :len(toks)] = torch.tensor(toks)
         mask[b, start - 1:start - 1 + n] = 1
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not is_sharded(policy)):
         logp, _ = rl.token_logprobs(policy, ids.to(device), temperature=temperature)
     return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
 
 
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard(model, device):
+    """FSDP2 over all ranks: each block is a unit, the root (embedding, final norm, head, tied or not) the last.
+    On a GPU the compute is bf16 and gradients are reduced in fp32. Gradients are summed, not averaged: the loss
+    is already divided by the global token count. `hidden` and `logits` gather the root's weights like forward."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for name in ("hidden", "logits"):
+        register_fsdp_forward_method(model, name)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
+    return model
+
+
 @torch.no_grad()
 def copy_weights(src, dst):
-    for (name, p), q in zip(src.named_parameters(), dst.parameters()):
-        q.copy_(p)
+    """Policy -> inference copy, one FSDP unit at a time (a block, then the root's own weights): the whole
+    policy is never gathered at once."""
+    sharded = is_sharded(src)
+    for s, d, own in [(s, d, lambda n: True) for s, d in zip(src.layers, dst.layers)] + \
+                     [(src, dst, lambda n: not n.startswith("layers."))]:
+        if sharded:
+            s.unshard()
+        for (name, p), q in zip(s.named_parameters(), d.parameters()):
+            if own(name):
+                q.copy_(p)
+        if sharded:
+            s.reshard()
 
 
-def evaluate(cfg, infer, tok, rows, drafter, rank, world, device):
+def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
     """Greedy accuracy on held-out prompts (split across ranks) and, with a drafter, its acceptance length on
     them with one fixed tree shape for all rows (the bandit's choices would blur how well the drafter follows)."""
     rows = rows[:cfg.eval_prompts]
     mine = [(i, r) for i, r in enumerate(rows) if i % world == rank]
     sd = dict(sd_threshold=len(mine), draft_depth=6, draft_topk=4, verify_tokens=16) if drafter is not None else {}
-    outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd)
+    outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd, **cache)
     correct = sum(rl.math_reward(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, (_, r) in zip(outs, samples))
     s = all_reduce(torch.tensor([float(correct), stats["sd_tokens"], stats["sd_rows"]], device=device)).tolist()
     out = dict(eval_accuracy=s[0] / max(1, len(rows)))
@@ -284,18 +328,40 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device):
 # a checkpoint that loads half; read back without unpickling arbitrary objects (safetensors, weights_only)
 
 
-def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank):
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank, world):
+    """ckpt/step_N/: state/ holds the policy's weights and optimizer, sharded (torch.distributed.checkpoint: each
+    rank writes its own shards, so `--out` must be on a file system all nodes share); rank_R/ each rank's drafter
+    trainer and RNG; policy/ the policy in HF format (transformers, serving engines), gathered to rank 0 on the
+    CPU. Written under a temporary name that rank 0 renames once every rank is done; the last two are kept."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    final = os.path.join(cfg.out, "ckpt", f"step_{step:06d}")
+    tmp = final + ".tmp"
     if rank == 0:
-        final = os.path.join(cfg.out, "ckpt", f"step_{step:06d}")
-        tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        nanotlt.save_pretrained(policy, os.path.join(tmp, "policy"))
+    barrier()
+    weights, optim = get_state_dict(policy, opt)
+    dcp.save({"policy": weights, "optim": optim}, checkpoint_id=os.path.join(tmp, "state"))
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        nanotlt.save_pretrained(policy, os.path.join(tmp, "policy"), full)
         if hasattr(tok, "save_pretrained"):  # an HF tokenizer: the policy dir is a complete model to serve
             tok.save_pretrained(os.path.join(tmp, "policy"))
-        if trainer is not None:
-            trainer.save(os.path.join(tmp, "drafter"))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": list(random.getstate()[1])}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(step=step, world=world), f)
+    mine = os.path.join(tmp, f"rank_{rank}")
+    if trainer is not None:
+        trainer.save(os.path.join(mine, "drafter"))
+    os.makedirs(mine, exist_ok=True)
+    torch.save({"torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1])},
+               os.path.join(mine, "rng.pt"))
+    barrier()
+    if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(cfg.out, "ckpt", "latest.tmp"), "w") as f:
@@ -304,29 +370,37 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank):
         done = sorted(d for d in os.listdir(os.path.join(cfg.out, "ckpt")) if d.startswith("step_") and "." not in d)
         for old in done[:-2]:
             shutil.rmtree(os.path.join(cfg.out, "ckpt", old))  # keep the last two
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
-def load_checkpoint(cfg, policy, infer, opt, trainer):
-    """Restore the latest checkpoint; returns the step to continue from."""
+def load_checkpoint(cfg, policy, infer, opt, trainer, rank, world):
+    """Restore the latest checkpoint exactly (same number of ranks); returns the step to continue from. The
+    learning rates given now (--lr, --drafter_lr) win over the saved ones."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     latest = os.path.join(cfg.out, "ckpt", "latest")
     if not os.path.exists(latest):
         raise ValueError(f"--resume: no checkpoint in {cfg.out}/ckpt")
     path = os.path.join(cfg.out, "ckpt", open(latest).read().strip())
-    from safetensors.torch import load_file
-    state = {k.removeprefix("model."): v for k, v in load_file(os.path.join(path, "policy", "model.safetensors")).items()}
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            p.copy_(state[name])
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    if meta["world"] != world:
+        raise ValueError(f"--resume: {path} was written by {meta['world']} rank(s), this run has {world}")
+    weights, optim = get_state_dict(policy, opt)
+    state = {"policy": weights, "optim": optim}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_state_dict(policy, opt, model_state_dict=state["policy"], optim_state_dict=state["optim"])
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr
     copy_weights(policy, infer)
+    mine = os.path.join(path, f"rank_{rank}")
     if trainer is not None:
-        trainer.load(os.path.join(path, "drafter"))
-    s = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)  # to each param's device
-    opt.load_state_dict(s["optimizer"])
+        trainer.load(os.path.join(mine, "drafter"))
+        for g in trainer.opt.param_groups:
+            g["lr"] = cfg.drafter_lr
+    s = torch.load(os.path.join(mine, "rng.pt"), weights_only=True)
     torch.set_rng_state(s["torch_rng"])
     random.setstate((3, tuple(s["python_rng"]), None))
-    return s["step"] + 1
+    return meta["step"] + 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,11 +409,11 @@ def load_checkpoint(cfg, policy, infer, opt, trainer):
 
 def train(cfg, rank=0, world=1, log=print):
     """Run cfg.steps RL steps. Returns the metrics of each step (with the rollout timelines of every rank),
-    the policy and the serving drafter."""
+    the policy (sharded with several ranks), the serving drafter and the policy's optimizer."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    policy, infer, tok = load_models(cfg, device)
+    policy, infer, tok = load_models(cfg, device, world)
     max_prompt = infer.args.max_seq_len - cfg.max_new_tokens
     if max_prompt <= 0:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
@@ -349,14 +423,23 @@ def train(cfg, rank=0, world=1, log=print):
                          f"--eval_prompts ({cfg.eval_prompts}) at least {world}")
     rows, bad = load_prompts(tok, cfg.dataset, "train", max_prompt)
     eval_rows, _ = load_prompts(tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)
+    # the engine's static cache, sized once for every rollout and evaluation of the run
+    cache = dict(max_prompt_len=max(len(r["ids"]) for r in rows + eval_rows[:cfg.eval_prompts]),
+                 max_rows=max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world)))
+    # the frozen initial policy for the KL, bf16 on a GPU; sharded like the policy when there are several ranks
+    ref = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_coef else None
+    ref = ref and ref.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if world > 1:
+        policy, ref = shard(policy, device), ref and shard(ref, device)
+    else:
+        policy, ref = policy.to(device), ref and ref.to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ref = copy.deepcopy(infer) if cfg.kl_coef else None  # the frozen initial policy, for the k3 KL
     drafter = trainer = bandit = None
     if cfg.sd == "on":
         drafter = Drafter.load(cfg.drafter_init, infer) if cfg.drafter_init else Drafter.from_target(infer)
         trainer = SpotTrainer(drafter, lr=cfg.drafter_lr, max_tokens=cfg.drafter_tokens, seed=cfg.seed + rank)
         bandit = Bandit(seed=cfg.seed)
-    start = load_checkpoint(cfg, policy, infer, opt, trainer) if cfg.resume else 0
+    start = load_checkpoint(cfg, policy, infer, opt, trainer, rank, world) if cfg.resume else 0
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -373,7 +456,7 @@ def train(cfg, rank=0, world=1, log=print):
     history = []
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
-        evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device) if cfg.eval_every and (
+        evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device, cache) if cfg.eval_every and (
             step % cfg.eval_every == 0 or step == cfg.steps) else {}
         if step == cfg.steps:
             if evals and rank == 0:
@@ -383,7 +466,7 @@ def train(cfg, rank=0, world=1, log=print):
             break
         t0 = time.perf_counter()
         outputs, samples, rs = rollout(cfg, infer, tok, step_prompts(rows, cfg, step, rank, world), drafter,
-                                       trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty())
+                                       trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty(), **cache)
         rollout_end = time.perf_counter() - t0
         if trainer is not None:
             trainer.train_until_all_done(step)  # this rank is done: keep training until every rank is
@@ -437,8 +520,8 @@ def train(cfg, rank=0, world=1, log=print):
                 f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
                 + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
-            save_checkpoint(cfg, step, policy, tok, opt, trainer, rank)
-    return history, policy, drafter
+            save_checkpoint(cfg, step, policy, tok, opt, trainer, rank, world)
+    return history, policy, drafter, opt
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,6 +598,94 @@ def bench(cfg, rank, world, log):
                   steps=rows, timeline_png=picture,
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --plan_memory: each phase's peak GPU memory per rank, from the model's config.json alone
+
+GiB = 2 ** 30
+# config.json facts of the paper's models (and neighbours), to plan offline when the hub can't be reached
+KNOWN_MODELS = {name: dict(zip(("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size"), v),
+                           head_dim=v[1] // v[3], qkv_bias=v[6] == "qwen2", arch=v[6], max_seq_len=131072)
+                for name, v in {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (151936, 1536, 28, 12, 2, 8960, "qwen2"),
+                                "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": (152064, 3584, 28, 28, 4, 18944, "qwen2"),
+                                "Qwen/Qwen2.5-7B": (152064, 3584, 28, 28, 4, 18944, "qwen2"),
+                                "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": (152064, 5120, 48, 40, 8, 13824, "qwen2"),
+                                "Qwen/Qwen2.5-32B": (152064, 5120, 64, 40, 8, 27648, "qwen2"),
+                                "meta-llama/Llama-3.3-70B-Instruct": (128256, 8192, 80, 64, 8, 28672, "llama")}.items()}
+
+
+def model_args(name):
+    """ModelArgs from a model's config.json (a local dir or the hub), or the table above when offline."""
+    if name.split(":")[0] == "tiny":
+        return nanotlt.TINY_SHAPES[name.partition(":")[2] or "tiny"][0]()
+    try:
+        from transformers import AutoConfig
+        return nanotlt.ModelArgs.from_hf(AutoConfig.from_pretrained(nanotlt.resolve(name), trust_remote_code=False))
+    except Exception as e:
+        if name in KNOWN_MODELS:
+            return nanotlt.ModelArgs(**KNOWN_MODELS[name])
+        raise ValueError(f"cannot read the config of {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def n_params(a):
+    """(one block, the root: embedding, head and final norm, the whole model)."""
+    qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+    block = a.dim * qkv + qkv * a.qkv_bias + a.n_heads * a.head_dim * a.dim + 3 * a.dim * a.intermediate_size + 2 * a.dim
+    root = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim
+    return block, root, a.n_layers * block + root
+
+
+def update_activations(a, tokens, b, chunk_tokens=4096, checkpointing=True):
+    """Peak bytes of the update's activations on a micro-batch of `tokens` (b bytes per activation): the block
+    inputs kept for the backward, plus the larger of one block's recompute with its gradients and the LM head's
+    chunk of logits (fp32) with its gradients. Calibrated and checked against fake-tensor measurements."""
+    kept = (a.n_layers + 2) * tokens * a.dim * b
+    block = tokens * (6 * a.intermediate_size + 8 * a.dim + 2 * (a.n_heads + a.n_kv_heads) * a.head_dim) * b
+    if not checkpointing:
+        kept, block = kept + a.n_layers * block, 0
+    c = min(chunk_tokens, tokens)
+    logits = c * a.vocab_size * (16 + (b < 4) * 2 * b) + 4 * a.vocab_size * a.dim  # fp32 copies, the head's grad
+    return kept + max(block, logits)
+
+
+def plan_memory(cfg, world, a, gpu_gib=79.6):
+    """Per-rank peak of the rollout and of the update, and what makes them up (GiB). The policy's training state
+    is sharded over the ranks (FSDP2) with more than one; the inference copy, the engine's cache and the drafter
+    are per rank. On a GPU: bf16 compute, fp32 master weights, gradients and AdamW moments."""
+    b, W = 2, world
+    block, root, P = n_params(a)
+    rows = max(cfg.prompts_per_step // W * cfg.group_size, -(-cfg.eval_prompts // W)) + 1  # + the dummy slot
+    L = cfg.max_prompt_len + cfg.max_new_tokens + 82  # + what one step may write past a row's length
+    kv_row = 2 * a.n_kv_heads * L * a.head_dim * b  # K and V of one row in one layer
+    Pd = 2 * a.dim ** 2 + block  # the drafter: fc and one block
+    c = min(cfg.drafter_tokens, 2 ** 27 // a.vocab_size)  # its soft cross-entropy's chunk
+    g = 1.0 if W > 1 else 0.0
+    parts = dict(
+        policy_weights_adam=12 * P / W, policy_grads=4 * P / W, reference=2 * P / W if cfg.kl_coef else 0,
+        inference_copy=b * P, kv_cache=a.n_layers * rows * kv_row, engine_buffers=rows * L * (8 + a.dim * b),
+        drafter=Pd * (b + 16) + rows * kv_row,  # serving weights, fp32 trainer state, its cache
+        drafter_training=cfg.drafter_tokens * (cfg.drafter_tokens + (2 * a.dim + 6 * a.intermediate_size) * b)
+        + 3 * 4 * c * a.vocab_size,
+        graph_pool=min(cfg.sd_threshold, rows) * 48 * a.vocab_size * 6,  # the largest verify: logits, sampling
+        rollout_activations=32768 * (4 * a.dim + 2 * a.intermediate_size) * b,  # a prefill chunk
+        fsdp_gathered=g * ((2 * block + root) * b + (block + root) * 4),  # unsharded blocks, root, its fp32 grad
+        update_activations=update_activations(a, cfg.micro_batch_tokens, b, checkpointing=cfg.grad_checkpointing),
+        optimizer_step=4 * P / W)  # AdamW's temporaries
+    held = ("policy_weights_adam", "reference", "inference_copy", "drafter")
+    engine = ("kv_cache", "engine_buffers", "graph_pool")
+    rollout = sum(parts[k] for k in held + engine + ("drafter_training", "rollout_activations"))
+    update = sum(parts[k] for k in held + ("policy_grads",)) + max(
+        parts["fsdp_gathered"] + parts["update_activations"], parts["optimizer_step"])
+    engine_bytes = sum(parts[k] for k in engine)
+    budget = (gpu_gib - 2.5) * GiB  # CUDA context, allocator fragmentation
+    release = update + engine_bytes > budget  # then the engine's memory is freed for the update, rebuilt after
+    update += 0 if release else engine_bytes
+    peak = max(rollout, update)
+    return dict(model_params_b=round(P / 1e9, 3), world=W, rows_per_rank=rows - 1, cache_len=L,
+                rollout_peak_gb=round(rollout / GiB, 2), update_peak_gb=round(update / GiB, 2),
+                peak_gb=round(peak / GiB, 2), gpu_gb=gpu_gib, fits=peak <= budget, release_engine_for_update=release,
+                parts_gb={k: round(v / GiB, 2) for k, v in parts.items()})
 
 
 def main(argv):
