@@ -10,19 +10,20 @@ Reward code reads model output as text only: nothing is ever evaluated or execut
 """
 import os
 import re
-from fractions import Fraction
 
 import torch
+from math_verify import LatexExtractionConfig, parse, verify
 from torch.utils.checkpoint import checkpoint
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # ----------------------------------------------------------------------------- answers and rewards
 
-# a number as it appears in prose: a simple fraction, 1,234,567.89 (thousands commas), 12.5 or .5
-_NUMBER = re.compile(r"-?\d+/\d+|-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-# plain decimals only: Fraction() would also accept '1e999999999', which would hang building the int
-_DECIMAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+# math-verify's parse and verify each stop after this many seconds (signal.alarm, so whole seconds, main thread
+# only) and then count as no match: a pathological answer such as 2^{2^{2^{100}}} costs at most a few seconds
+_TIMEOUT_S = 2
+# a plain integer (ASCII digits: \d would also take other scripts' digits); at most 30 digits, so int() is instant
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
 
 
 def _braced(text, i):
@@ -37,64 +38,47 @@ def _braced(text, i):
     return None
 
 
-def extract_answer(text, fallback=True):
-    """The final answer in `text`: last \\boxed{...}, else what follows the last ####, else (if
-    fallback) the last number; None if there is none. A final \\boxed that never closes (a
-    truncated or malformed answer) gives None rather than some earlier number."""
+def extract_answer(text):
+    """The final marked answer in `text`: the content of the last \\boxed{...}, else the rest of the line after the
+    last ####, without a sentence-final period; None if there is none. Never some number from the reasoning: a
+    response that stops before marking its answer has none, and a final \\boxed that never closes (a truncated or
+    malformed answer) gives None rather than an earlier box."""
     i = text.rfind("\\boxed")
     if i >= 0:
         ans = _braced(text, len(text) - len(text[i + len("\\boxed"):].lstrip()))
-        return (ans or "").strip() or None
-    i = text.rfind("####")
-    if i >= 0:
-        return (text[i + 4:].strip().splitlines() or [""])[0].strip() or None
-    nums = _NUMBER.findall(text) if fallback else []
-    return nums[-1] if nums else None
+    else:
+        i = text.rfind("####")
+        ans = (text[i + 4:].strip().splitlines() or [""])[0] if i >= 0 else None
+    ans = (ans or "").strip().removesuffix(".").rstrip()  # '#### 1,000.': math-verify cannot read '1,000.'
+    return ans or None
 
 
-def _to_number(s):
-    """Fraction for '1,000', '-.5', '3/4', '\\frac{3}{4}' (exact, so 0.5 == 1/2), else None."""
-    m = re.fullmatch(r"(-?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s)
-    parts = [m[1] + m[2], m[3]] if m else s.split("/")
-    if len(parts) > 2:
-        return None
-    parts = [p.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d*)?", p) else p for p in parts]
-    if not all(_DECIMAL.fullmatch(p) for p in parts):
-        return None
-    try:
-        vals = [Fraction(p) for p in parts]
-        return vals[0] / vals[1] if len(vals) == 2 else vals[0]
-    except (ValueError, ZeroDivisionError):  # 1/0, or an int longer than Python will parse
-        return None
-
-
-def normalize_answer(ans):
-    """A comparable form of an answer: a Fraction if it is a number, else a normalised string."""
-    s = re.sub(r"\\(left|right)(?![A-Za-z])|\\[!,;]|\\?\$|\\?%|\^\{?\\circ\}?", "", ans)
-    s = re.sub(r"\\[dt]frac", r"\\frac", s).replace(" ", "")
-    unwrapped = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s).rstrip(".")
-    dropped = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}", "", s).rstrip(".")  # '5\text{cm}'
-    for cand in (unwrapped, dropped):
-        num = _to_number(cand)
-        if num is not None:
-            return num
-    return unwrapped
+def _verify(pred, gold):
+    """math-verify's verdict on two extracted answers (LaTeX or plain text). Each is parsed as the content of a
+    \\boxed{} with the LaTeX extractor only: the default extraction would also pick up a bare number anywhere.
+    An answer with unbalanced braces would close the box early and be read as something else: no match. Errors
+    and timeouts inside math-verify count as no match (it catches them); calling it off the main thread raises."""
+    if any(_braced("{" + a + "}", 0) != a for a in (pred, gold)):
+        return False
+    pred, gold = (parse("\\boxed{" + a + "}", [LatexExtractionConfig()], parsing_timeout=_TIMEOUT_S)
+                  for a in (pred, gold))
+    return bool(pred and gold and verify(gold, pred, timeout_seconds=_TIMEOUT_S))  # gold first: it is not symmetric
 
 
 def math_reward(completion, gold):
-    """1.0 if the completion's final answer equals the gold answer, else 0.0. `gold` may be a bare
-    answer ('72', '\\frac{1}{2}') or a full solution ending in '#### 72' / containing \\boxed{}."""
+    """1.0 if the completion's final marked answer (\\boxed{} or ####, see extract_answer) equals the gold answer
+    by math-verify, else 0.0 (no marked answer, a malformed or unparsable one, or a wrong one). `gold` may be a
+    bare answer ('72', '\\frac{1}{2}') or a full solution ending in '#### 72' / containing \\boxed{}.
+    Plain integers on both sides (the tiny task, most of GSM8K) are compared exactly without math-verify, with
+    the verdict it would give (tested): the tiny preset scores thousands of responses a step on a CPU."""
     pred = extract_answer(completion)
     if re.search(r"\\boxed|####", gold):  # a full solution: take its final answer
-        gold = extract_answer(gold, fallback=False)
+        gold = extract_answer(gold)
     if pred is None or gold is None:  # nothing to compare (or malformed): no reward
         return 0.0
-    return float(normalize_answer(pred) == normalize_answer(gold))
-
-
-def format_reward(completion):
-    """1.0 if the completion marks a well-formed final answer (\\boxed{...} or ####), else 0.0."""
-    return float(extract_answer(completion, fallback=False) is not None)
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):
+        return float(int(pred) == int(gold))
+    return float(_verify(pred, gold))
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -116,6 +100,15 @@ def mask_truncated(outputs, eos_id, max_new_tokens):
     return [[] if t else o for o, t in zip(outputs, truncated)], truncated
 
 
+def rollout_rewards(outputs, texts, golds, eos_id, max_new_tokens):
+    """The reward of each rollout response, as the training loop uses it: math_reward of its text, and 0 for a
+    response cut at the length limit (mask_truncated's rule), even one that boxed the right answer before the cut:
+    only finished responses earn. outputs: token lists; texts: their decoded text; golds: the gold answers.
+    Returns rewards [N] (float32)."""
+    _, truncated = mask_truncated(outputs, eos_id, max_new_tokens)
+    return torch.tensor([0.0 if t else math_reward(x, g) for x, g, t in zip(texts, golds, truncated)])  # [N]
+
+
 def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28,
                 ref_logp=None, kl_coef=0.0):
     """Clipped token-level GRPO loss. logp, old_logp, mask: [B, T]; advantages: [B].
@@ -132,7 +125,10 @@ def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_hig
     per_token = -torch.minimum(unclipped, clipped)  # [B, T]
     use_kl = ref_logp is not None and kl_coef != 0
     if use_kl:
-        d = ref_logp.detach() - logp
+        # log(ref / pi), clamped above so exp cannot overflow (a token pi finds e^20 times less likely than ref
+        # does: beyond that the penalty stops growing and has no gradient). Not below: exp(d) -> 0 is harmless
+        # and the gradient 1 - exp(d) keeps pulling pi back toward ref however far above it pi has gone.
+        d = (ref_logp.detach() - logp).clamp(max=20.0)
         kl = torch.exp(d) - d - 1.0  # k3 estimator of KL(pi || ref): unbiased, always >= 0
         per_token = per_token + kl_coef * kl
     n = n_tokens.clamp(min=1) if torch.is_tensor(n_tokens) else max(n_tokens, 1)  # tensor: no sync
@@ -145,17 +141,29 @@ def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_hig
     return loss, metrics
 
 
-def _chunk_logprobs(model, h, targets, temperature=1.0):
+def _chunk_logprobs(model, h, targets, temperature=1.0, top_p=1.0):
+    """h [B, c, H], targets [B, c] -> log-probs [B, c] of the targets (token_logprobs' per-chunk work)."""
     logits = model.logits(h).float() / temperature  # [B, c, V] fp32: only one chunk's worth at a time
+    if top_p < 1.0:  # the nucleus, by spec_decode.sample's rule; a set, so it carries no gradient
+        with torch.no_grad():
+            probs, order = logits.softmax(-1).sort(-1, descending=True)  # [B, c, V] each
+            drop = (probs.cumsum(-1) - probs) >= top_p  # [B, c, V] in sorted order
+            drop = drop.scatter(-1, order, drop).scatter(-1, targets[..., None], False)  # vocab order, target kept
+        logits = logits.masked_fill(drop, float("-inf"))
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, c], no 2nd [B, c, V]
 
 
-def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0):
+def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0, top_p=1.0):
     """logp[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]) and the hidden states h.
     The trunk runs once; the head runs on about `chunk_tokens` tokens at a time (whole rows, a span of positions),
     so the [B, T, V] fp32 logits (V ~ 150k) never exist at once: 4096 tokens are 2.5 GB. With grad on, each chunk
-    is checkpointed: backward recomputes its logits instead of keeping them all alive. `temperature`: the
-    log-probs of softmax(logits / T), the distribution a rollout at temperature T sampled from.
+    is checkpointed: backward recomputes its logits instead of keeping them all alive. `temperature`, `top_p`: the
+    log-probs of the distribution a rollout with these settings sampled from (spec_decode.sample): softmax(logits
+    / T), and with top_p < 1 renormalised over the nucleus, the smallest set of most likely tokens whose
+    probability reaches top_p. A sampled token is in its nucleus; a token that is not (a prompt or padding
+    position, or a sampled token that different numerics put just outside) is scored as if the nucleus also held
+    it, so every log-prob stays finite: -inf would turn the masked loss into nan (-inf * 0). top_p < 1 costs
+    about three more chunk-sized buffers (the sort): lower `chunk_tokens` if memory is tight.
     Returns (logp [B, T-1], h [B, T, H])."""
     h = model.hidden(input_ids)  # [B, T, H]
     B, T = input_ids.shape
@@ -164,7 +172,7 @@ def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0):
     out = []
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
-        args = (model, h[:, s:e], input_ids[:, s + 1:e + 1], temperature)
+        args = (model, h[:, s:e], input_ids[:, s + 1:e + 1], temperature, top_p)
         out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
                    else _chunk_logprobs(*args))
     logp = torch.cat(out, 1) if out else h.new_zeros(input_ids.shape[0], 0)  # [B, T-1]
@@ -208,7 +216,7 @@ def load_rows(source, split="train", answers=True):
     for row in ds:
         prompt, answer = _field(row, _PROMPT_FIELDS), _field(row, _ANSWER_FIELDS) if answers else ""
         if answer and re.search(r"\\boxed|####", answer):
-            answer = extract_answer(answer, fallback=False)
+            answer = extract_answer(answer)
         if prompt is None or answer is None:
             bad += 1
             continue
@@ -223,12 +231,12 @@ def load_rows(source, split="train", answers=True):
 if __name__ == "__main__":
     gold = "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72"
     group = ["48 + 24 = 72, so the answer is \\boxed{72}.", "She sold 48+24 clips in total: #### 72",
-             "I think it is 70", "\\boxed{72", "The answer is \\boxed{\\frac{144}{2}}"]
+             "48 + 24 = 72", "\\boxed{72", "The answer is \\boxed{\\frac{144}{2}}"]
     for c in group:
-        print(f"{extract_answer(c)!r:>18}  math {math_reward(c, gold):.0f}  "
-              f"format {format_reward(c):.0f}  <- {c!r}")
-    for a, b in [("1,000", "$1000.0"), ("\\frac{1}{2}", ".5"), ("\\left( 3, \\pi \\right)", "(3,\\pi)")]:
-        print(f"{a!r} == {b!r}: {normalize_answer(a) == normalize_answer(b)}")
+        print(f"{extract_answer(c)!r:>18}  math {math_reward(c, gold):.0f}  <- {c!r}")
+    for a, b in [("\\boxed{1{,}000}", "1000"), ("\\boxed{\\frac12}", "0.5"),
+                 ("\\boxed{\\left( 3, \\pi \\right)}", "(3,\\pi)")]:
+        print(f"{a!r} vs gold {b!r}: {math_reward(a, b):.0f}")
     rewards = torch.tensor([math_reward(c, gold) for c in group[:4]] + [1.0, 1.0, 1.0, 1.0])
     adv = group_advantages(rewards, 4)
     print("rewards", rewards.tolist(), "-> advantages (G=4)", [round(a, 3) for a in adv.tolist()])

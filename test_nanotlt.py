@@ -1498,40 +1498,90 @@ def test_extract_answer():
     assert rl.extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
     assert rl.extract_answer("\\boxed{1} then \\boxed{ {a}+{b} }") == "{a}+{b}"  # last box, nested
     assert rl.extract_answer("\\boxed {7}") == "7"
-    assert rl.extract_answer("steps 3 + 4\n#### 1,000.\nbye") == "1,000."
+    assert rl.extract_answer("steps 3 + 4\n#### 1,000.\nbye") == "1,000"  # the rest of the line, no final period
     assert rl.extract_answer("1+1=2####72") == "72"  # the tiny task's format: no space
-    assert rl.extract_answer("we get 3, then -2.5 apples") == "-2.5"
-    assert rl.extract_answer("half is 1/2") == "1/2"
-    assert rl.extract_answer("no digits here") is None
+    assert rl.extract_answer("we get 3, then -2.5 apples") is None  # never the last number
     assert rl.extract_answer("it is \\boxed{72") is None  # unclosed final box: no fallback to 72
     assert rl.extract_answer("\\boxed{}") is None and rl.extract_answer("#### ") is None
-    assert rl.extract_answer("answer 5", fallback=False) is None
 
 
-def test_normalisation():
-    n = rl.normalize_answer
-    assert n("1,000") == n("1000") == n("1000.0") == n("$1000") == n("\\$1,000.00") == 1000
-    assert n("0.5") == n(".5") == n("1/2") == n("\\frac{1}{2}") == n("\\dfrac{1}{2}") == n("\\frac{2}{4}")
-    assert n("-\\frac{3}{4}") == n("-0.75")
-    assert n("5\\text{ cm}") == n("5") and n("72.") == 72 and n("50\\%") == 50
-    assert n("\\text{Monday}") == n("Monday")
-    assert n("\\left( 3, \\frac{\\pi}{2} \\right)") == n("(3,\\frac{\\pi}{2})")
-    assert n("1,2") != n("12")  # a pair, not a thousands separator
-    assert n("1/0") == "1/0" and n("1e999999999") == "1e999999999"  # stays text, no crash, no hang
+GSM8K_GOLD = "She sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72 clips.\n#### 72"
+MATH_GOLD = "Halve it: $\\frac{2}{4} = \\boxed{\\frac{1}{2}}$."
 
 
-def test_rewards():
-    gold = "She sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72 clips.\n#### 72"
-    assert rl.math_reward("so \\boxed{72}", gold) == 1.0
-    assert rl.math_reward("the answer is 72.00", gold) == 1.0
-    assert rl.math_reward("#### 72.5", gold) == 0.0
-    assert rl.math_reward("\\boxed{72", gold) == 0.0  # malformed
-    assert rl.math_reward("", gold) == 0.0
-    assert rl.math_reward("\\boxed{0.5}", "\\frac{1}{2}") == 1.0  # a bare MATH gold is not re-extracted
-    assert rl.math_reward("\\boxed{2}", "\\frac{1}{2}") == 0.0
-    assert rl.math_reward("3 + 4 = 7\n####7", "####7") == 1.0
-    assert rl.format_reward("\\boxed{x}") == rl.format_reward("#### 3") == 1.0
-    assert rl.format_reward("just 3") == rl.format_reward("\\boxed{3") == 0.0
+@pytest.mark.parametrize("completion, gold, reward", [
+    # LaTeX that math-verify reads and a string comparison would not
+    ("so \\boxed{5\\ \\text{apples}}", "5", 1.0),
+    ("\\boxed{1{,}000}", "1000", 1.0),
+    ("\\boxed{\\frac12}", "0.5", 1.0),
+    ("\\boxed{\\frac12}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{x = 5}", "5", 1.0),
+    ("\\boxed{{72}}", "72", 1.0),
+    ("\\boxed{−3}", "-3", 1.0),  # Unicode minus
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0),
+    ("\\boxed{72.00}", "72", 1.0),
+    ("\\boxed{\\left( 3, \\pi \\right)}", "(3,\\pi)", 1.0),
+    # only a marked, finished answer counts
+    ("\\boxed{72} wait, let me redo it: \\boxed{7", "72", 0.0),  # an unclosed box after a correct one
+    ("48 + 24 = 72 clips, so she sold 72.", "72", 0.0),  # the right number, never marked
+    ("In May she sold 48/2 = 24. Altogether 48 + 24 = 72, so the", "72", 0.0),  # cut mid-reasoning
+    ("", "72", 0.0),
+    ("#### ", "72", 0.0),
+    # GSM8K golds (full solutions), GSM8K-style predictions
+    ("so \\boxed{72}", GSM8K_GOLD, 1.0),
+    ("48 + 24 = 72\n#### 72", GSM8K_GOLD, 1.0),
+    ("#### 72.", GSM8K_GOLD, 1.0),
+    ("#### 72.5", GSM8K_GOLD, 0.0),
+    ("\\boxed{1000}", "So 10 * 100 = 1,000.\n#### 1,000", 1.0),  # thousands commas
+    ("#### 1,000.", "#### 1,000", 1.0),
+    ("#### 1000", "#### 1,000", 1.0),
+    ("3+5=8;8+2=10;####10", "10", 1.0),  # the tiny task
+    ("3+5=8;8+2=10;####11", "10", 0.0),
+    # MATH golds: a \boxed{} in a full solution
+    ("so \\boxed{0.5}", MATH_GOLD, 1.0),
+    ("\\boxed{\\dfrac{2}{4}}", MATH_GOLD, 1.0),
+    ("\\boxed{2}", MATH_GOLD, 0.0),
+    ("\\boxed{(3, \\pi)}", "so it is \\boxed{(3, \\pi)}", 1.0),
+    ("\\boxed{[3, \\pi]}", "so it is \\boxed{(3, \\pi)}", 0.0),  # a closed interval is another answer
+    ("\\boxed{(\\pi, 3)}", "so it is \\boxed{(3, \\pi)}", 0.0),
+    # wrong or malformed answers
+    ("\\boxed{71}", "72", 0.0),
+    ("\\boxed{1,2}", "12", 0.0),  # a pair, not a thousands separator
+    ("\\boxed{\\frac{1}{0}}", "72", 0.0),
+    ("#### 5} 6", "5", 0.0),  # unbalanced: would close the box at 5
+    ("\\boxed{\\frac{}", "72", 0.0),
+])
+def test_math_reward_table(completion, gold, reward):
+    assert rl.math_reward(completion, gold) == reward
+
+
+def test_math_reward_malformed_never_raises():
+    """Answers that break or stall a checker score 0, with no exception, in bounded time (math-verify's timeouts)."""
+    for ans in ["{", "}", "\\", "$", "\\frac{", "\\left(", "1e999999999", "\\sqrt[", "\x00"]:
+        assert rl.math_reward(f"#### {ans}", "72") == 0.0 and rl.math_reward(f"\\boxed{{{ans}}}", "72") == 0.0
+    t = time.perf_counter()
+    assert rl.math_reward("\\boxed{2^{2^{2^{100}}}}", "72") == 0.0  # sympy would take forever: timed out
+    assert time.perf_counter() - t < 3 * rl._TIMEOUT_S
+    assert rl.math_reward("\\boxed{72}", "\\frac{") == 0.0  # a malformed gold: no reward either
+    assert rl.math_reward("#### (__import__('rl').__setattr__('pwned', 1) or 1)", "1") == 0.0
+    assert not hasattr(rl, "pwned")  # read as text, never run
+
+
+@pytest.mark.parametrize("pred, gold", [("72", "72"), ("72", "-72"), ("-0", "0"), ("007", "7"), ("10", "100"),
+                                        ("123456789012345678901234567890", "123456789012345678901234567890"),
+                                        ("123456789012345678901234567890", "123456789012345678901234567891")])
+def test_math_reward_integer_fast_path_agrees_with_math_verify(pred, gold):
+    assert rl.math_reward(f"####{pred}", gold) == float(rl._verify(pred, gold))
+
+
+def test_rollout_rewards_score_truncated_zero():
+    eos = 9
+    outputs = [[1, 2, eos], [1, 2, 3], [1, eos], [4, 5, 6]]  # max 3 new tokens: the 2nd and 4th were cut off
+    texts = ["\\boxed{72}", "\\boxed{72} and then", "\\boxed{70}", "#### 72"]
+    rewards = rl.rollout_rewards(outputs, texts, ["72"] * 4, eos, 3)
+    assert rewards.dtype == torch.float32 and rewards.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert [rl.math_reward(t, "72") for t in texts] == [1.0, 1.0, 0.0, 1.0]  # the cut ones were right
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -1600,6 +1650,21 @@ def test_k3_kl():
     assert "kl" not in rl.policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 2), 2)[1]
 
 
+def test_k3_kl_clamped():
+    """A log-ratio ref - pi far above 20 would overflow exp (fp32 inf at ~89): it is clamped at 20, so the loss and
+    gradient stay finite; far below, the exact penalty and its gradient pull pi back to ref."""
+    logp = torch.tensor([[-200.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -30.0]])  # ref - pi = 200 (clamped to 20), -30 (kept)
+    loss, m = rl.policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), n_tokens=2, ref_logp=ref,
+                             kl_coef=1.0)
+    loss.backward()
+    expect = [math.exp(20) - 20 - 1, math.exp(-30) + 30 - 1]
+    assert loss.item() == pytest.approx(sum(expect) / 2, rel=1e-5)
+    assert m["kl"].item() == pytest.approx(sum(expect) / 2, rel=1e-5)
+    assert torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1].item() == pytest.approx((1 - math.exp(-30)) / 2)
+
+
 def test_mask_truncated():
     eos = 9
     outputs = [[1, 2, eos], [1, 2, 3], [1, eos], [4, 5, eos]]  # max 3 new tokens: only the second was cut off
@@ -1628,6 +1693,43 @@ def test_token_logprobs_matches_full_logits(chunk_tokens):
         logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=0.5)
     assert torch.allclose(logp, (model(ids)[:, :-1] / 0.5).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0],
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [3, 100])
+def test_token_logprobs_top_p(chunk_tokens):
+    """With top_p < 1: the log-probs (and gradients) of the renormalised nucleus distribution that
+    spec_decode.sample draws from; a token outside the nucleus is scored as if the nucleus also held it."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids = torch.randint(0, 11, (2, 9))
+    top_p, temperature = 0.6, 0.7
+    logits = model(ids)[:, :-1] / temperature  # [2, 8, 11]
+    nucleus = torch.zeros(2, 8, 11, dtype=torch.bool)  # written out: most likely first, until top_p is reached
+    for b in range(2):
+        for t in range(8):
+            probs, total = logits[b, t].detach().softmax(-1).tolist(), 0.0
+            for v in sorted(range(11), key=lambda v: -probs[v]):
+                if total >= top_p:
+                    break
+                nucleus[b, t, v], total = True, total + probs[v]
+    target = F.one_hot(ids[:, 1:], 11).bool()  # [2, 8, 11]
+    sizes, inside = nucleus.sum(-1), (nucleus & target).any(-1)
+    assert 1 < sizes.min() and sizes.max() < 11 and inside.any() and not inside.all()  # a case of each kind
+    ref = logits.masked_fill(~(nucleus | target), float("-inf")).log_softmax(-1)[target].view(2, 8)
+    logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=temperature, top_p=top_p)
+    assert torch.isfinite(logp).all() and torch.allclose(logp, ref, atol=1e-5)
+    g1 = torch.autograd.grad(logp.sum(), list(model.parameters()))
+    g2 = torch.autograd.grad(ref.sum(), list(model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    with torch.no_grad():  # same values without grad (no checkpointing)
+        assert torch.allclose(rl.token_logprobs(model, ids, chunk_tokens, temperature, top_p)[0], ref, atol=1e-5)
+    # the nucleus is the one spec_decode.sample draws from
+    drawn = torch.zeros_like(nucleus)
+    for seed in range(30):
+        tok = sd.sample(logits.detach() * temperature, torch.arange(2), torch.arange(8).expand(2, 8), temperature,
+                        top_p, seed)  # [2, 8]
+        drawn |= F.one_hot(tok, 11).bool()
+    assert not (drawn & ~nucleus).any() and (drawn.sum(-1) > 1).any()
 
 
 # ----------------------------------------------------------------------------- data and prompts

@@ -473,7 +473,8 @@ def train(cfg, rank=0, world=1, log=print):
             trainer.top_up(step, cfg.drafter_min_steps)  # ends with the trainer stopped
         idle_end = time.perf_counter() - t0
         texts = [tok.decode(o, skip_special_tokens=True) for o in outputs]
-        rewards = torch.tensor([rl.math_reward(t, r["answer"]) for t, (_, r) in zip(texts, samples)])
+        rewards = rl.rollout_rewards(outputs, texts, [r["answer"] for _, r in samples], tok.eos_token_id,
+                                     cfg.max_new_tokens)  # truncated responses score 0
         adv = rl.group_advantages(rewards, cfg.group_size)
         masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
         loss = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
