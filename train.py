@@ -238,12 +238,13 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
     batches += [[([0, 0], 1, 0, 0.0)]] * (n - len(batches))
     with torch.no_grad():  # the behaviour policy (for the clipped ratio) and the frozen reference (for the KL)
         T = cfg.temperature or 1.0  # greedy rollouts: plain log-probs
-        old = [logprobs(policy, b, device, T)[0] for b in batches] if cfg.updates_per_rollout > 1 else None
-        refs = [logprobs(ref, b, device, T)[0] for b in batches] if ref is not None else None
+        lp = lambda model: [logprobs(model, b, device, T, cfg.top_p)[0] for b in batches]
+        old = lp(policy) if cfg.updates_per_rollout > 1 else None
+        refs = lp(ref) if ref is not None else None
     total = torch.zeros((), device=device)
     for _ in range(cfg.updates_per_rollout):
         for j, b in enumerate(batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
-            logp, mask, a = logprobs(policy, b, device, T)
+            logp, mask, a = logprobs(policy, b, device, T, cfg.top_p)
             loss, _ = rl.policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
                                      ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
             loss.backward()
@@ -256,9 +257,9 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
     return total.item() / cfg.updates_per_rollout
 
 
-def logprobs(policy, seqs, device, temperature=1.0):
-    """Log-probs of the response tokens under softmax(logits / temperature), the distribution the rollout sampled
-    from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute is bf16 (FSDP2's mixed precision,
+def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0):
+    """Log-probs of the response tokens under softmax(logits / temperature) within the top-p nucleus, the
+    distribution the rollout sampled from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute is bf16 (FSDP2's mixed precision,
     or autocast for a single rank)."""
     T = max(len(s[0]) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -267,7 +268,7 @@ def logprobs(policy, seqs, device, temperature=1.0):
         ids[b, :len(toks)] = torch.tensor(toks)
         mask[b, start - 1:start - 1 + n] = 1
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not is_sharded(policy)):
-        logp, _ = rl.token_logprobs(policy, ids.to(device), temperature=temperature)
+        logp, _ = rl.token_logprobs(policy, ids.to(device), temperature=temperature, top_p=top_p)
     return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
 
 
