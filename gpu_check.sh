@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Everything GPU-side, in two calls of under 10 minutes each (a lent GPU machine with CUDA torch, transformers,
 # datasets; nothing can be downloaded there, so every model is built from a config):
-#   PARTS=core: kernel checks and benchmarks; the SD engine bench on the tiny preset; the CUDA-graph test; the SD
-#     engine bench on a random-weight model of the Qwen2.5-1.5B shape (saved as a Llama with q/k/v biases, so that
-#     AutoTokenizer takes a stand-in word-level tokenizer); the end-to-end `train.py --bench` on the tiny preset.
-#     Its steps' time limits add up to under 8 minutes.
-#   PARTS=e2e: the end-to-end `train.py --bench` with a model of the Qwen2.5-1.5B shape, first warmed up on the
-#     tiny task (so that its rollouts have the task's long tail). Under 6 minutes.
+#   PARTS=core: kernel checks and benchmarks (attention, compaction, the sampler's bandwidth); a drafter for the
+#     tiny preset (drafter.py) and the SD engine bench with it; the CUDA-graph test; the SD engine bench on a
+#     random-weight model of the Qwen2.5-1.5B shape (saved as a Llama with q/k/v biases, so that AutoTokenizer
+#     takes a stand-in word-level tokenizer); the end-to-end `train.py --bench` on the tiny preset, tail training
+#     on. Its steps' time limits add up to under 9 minutes.
+#   PARTS=e2e: the same tiny bench with tail training off (the tail's step time with and without the spot trainer
+#     beside it); the end-to-end `train.py --bench` with a model of the Qwen2.5-1.5B shape, first warmed up on the
+#     tiny task (so that its rollouts have the task's long tail). Under 8 minutes.
 # A lent machine has about 15 minutes of device time per session, its start included: run core, then e2e.
 # What comes back in $OUT: log.txt (every step's output), results.jsonl (a line per step: its exit status and its
 # last line when that is JSON) and timeline*.png (the rollout pictures of the end-to-end benches).
@@ -53,7 +55,8 @@ step imports 20 $PY -c "import json, torch, triton, transformers, datasets, tqdm
 if [[ " $PARTS " == *" core "* ]]; then
 step kernels_check 40 $PY kernels.py
 step kernels_bench 75 $PY kernels.py --bench
-step spec_tiny 75 $PY spec_decode.py --bench --batch 1,8,32 "${SMALL[@]}"
+step drafter_tiny 60 $PY drafter.py --out "$OUT/tiny_drafter"  # the tiny preset's drafter, trained offline
+step spec_tiny 75 $PY spec_decode.py --bench --drafter "$OUT/tiny_drafter" --batch 1,8,32 "${SMALL[@]}"
 TRITON_INTERPRET=0 step gpu_tests 90 $PY -m pytest -q -x test_nanotlt.py -k cuda  # uses the tiny preset just built
 $PY - "$OUT/qwen15b" <<'PYEOF'
 import os, sys, torch, nanotlt
@@ -77,9 +80,14 @@ step train_bench_tiny 100 $PY train.py --bench --preset tiny --steps $STEPS --cu
 cp "$OUT/train_bench/timeline.png" "$OUT/timeline.png" 2>/dev/null
 fi
 if [[ " $PARTS " == *" e2e "* ]]; then
+# the rollout's high-priority stream against the spot trainer's: core's train_bench_tiny without tail training
+# (compare the SD-on tail_s of the two)
+step train_bench_tiny_no_tail_training 100 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true \
+    --tail_training false --out "$OUT/train_bench_nt"
 step train_bench_shape 330 $PY train.py --bench --preset tiny --model "tiny:$SHAPE" --steps $E2E_STEPS \
     --grad_checkpointing true --cuda_graphs true --tail_training true --out "$OUT/train_bench_shape"
 cp "$OUT/train_bench_shape/timeline.png" "$OUT/timeline_shape.png" 2>/dev/null
 fi
-rm -rf "$OUT/qwen15b" "$OUT/cache" "$OUT/train_bench" "$OUT/train_bench_shape" "$OUT/step.log"
+rm -rf "$OUT/qwen15b" "$OUT/cache" "$OUT/train_bench" "$OUT/train_bench_nt" "$OUT/train_bench_shape" "$OUT/step.log" \
+    "$OUT/tiny_drafter"
 cat "$OUT/results.jsonl"

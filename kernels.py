@@ -1,11 +1,14 @@
-"""Tree-verify attention over a static KV cache, and KV compaction, in Triton (+ plain-PyTorch references).
+"""Tree-verify attention over a static KV cache, KV compaction and the lossless sampler, in Triton (each with a
+plain-PyTorch reference).
 
-One kernel serves decode (T=1), chunks (causal among the T new tokens) and speculative tree verification
-(a T x T ancestor mask). The new tokens' K/V are already in the cache at positions len..len+T-1 of the row's
-slot; each query sees all `len` cached tokens and the new tokens its mask allows. Flash-style online softmax
+One attention kernel serves decode (T=1), chunks (causal among the T new tokens) and speculative tree
+verification (a T x T ancestor mask). The new tokens' K/V are already in the cache at positions len..len+T-1 of the
+row's slot; each query sees all `len` cached tokens and the new tokens its mask allows. Flash-style online softmax
 in fp32; the query heads of one GQA group share a program, so each row's cache is read once: the roofline.
 When there are too few (row, kv-head) programs to fill the GPU, the cache is split across programs
-(flash-decoding) and a small kernel merges the partial results.
+(flash-decoding) and a small kernel merges the partial results. The sampler draws a token per row from
+softmax(logits / T) by Gumbel-max with noise that is a pure function of (seed, sequence, step), in one pass over
+the logits, bit-identical to its reference on every device.
 
     python kernels.py           # correctness: kernel vs reference vs SDPA (CPU: Triton interpreter)
     python kernels.py --bench   # GPU timings vs SDPA and the reference; last line is JSON
@@ -384,6 +387,10 @@ def check():
               f"|kernel-ref| {e1:.2e}  |kernel-sdpa| {e2:.2e}  {'ok' if max(e1, e2) < tol else 'FAIL'}")
         assert max(e1, e2) < tol
     print("all attention checks passed")
+    logits = torch.randn(8, 3001, device=dev)
+    seq, steps = torch.arange(8, device=dev), torch.arange(8, device=dev) * 7
+    assert torch.equal(gumbel_argmax(logits, seq, steps, 0.7, 3), gumbel_argmax_ref(logits, seq, steps, 0.7, 3))
+    print("sampler: kernel and reference give the same tokens")
 
 
 def bench():
@@ -433,8 +440,21 @@ def bench():
                  triton_us=t(lambda: compact_kv_triton(k, v, slots, lens, idx, alen)) * 1e6)
         compact.append(c)
         print(f"compact_kv B={B:2} A={A}: torch {c['torch_us']:.1f} us, triton {c['triton_us']:.1f} us")
+    del k, v
+    sampler = []
+    for N, V in ((1, 151936), (64, 151936), (256, 151936), (64, 32000)):  # one pass over bf16 logits
+        logits = torch.randn(N, V, device=dev, dtype=bf)
+        seq, steps = torch.arange(N, device=dev), torch.randint(0, 8192, (N,), device=dev)
+        tk = t(lambda: gumbel_argmax(logits, seq, steps, 1.0, 0))
+        tr = t(lambda: gumbel_argmax_ref(logits, seq, steps, 1.0, 0))
+        same = bool(torch.equal(gumbel_argmax(logits, seq, steps, 0.6, 7), gumbel_argmax_ref(logits, seq, steps, 0.6, 7)))
+        r = dict(N=N, V=V, us=tk * 1e6, GBps=N * V * 2 / tk / 1e9, frac_copy_bw=N * V * 2 / tk / copy_bw,
+                 ref_us=tr * 1e6, identical_to_ref=same)
+        sampler.append(r)
+        print(f"gumbel_argmax N={N:3} V={V}: {r['us']:.1f} us, {r['GBps']:.0f} GB/s ({r['frac_copy_bw']:.0%} of copy), "
+              f"reference {r['ref_us']:.1f} us, identical {same}")
     print(json.dumps(dict(device=torch.cuda.get_device_name(), copy_GBps=copy_bw / 1e9, attention=rows,
-                          compact=compact)))
+                          compact=compact, sampler=sampler)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ root of a draft tree. Either way it commits c >= 1 tokens: the cache grows by c 
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -365,6 +366,14 @@ class Bandit:
         r.append(reward)
         del r[:-self.window]
 
+    def state_dict(self):  # plain lists (a checkpoint loads without unpickling objects)
+        return dict(rewards=[[b, list(dataclasses.astuple(a)), r] for (b, a), r in self.rewards.items()],
+                    rng=list(self.rng.getstate()[1]))
+
+    def load_state_dict(self, state):
+        self.rewards = {(b, Arm(*a)): list(r) for b, a, r in state["rewards"]}
+        self.rng.setstate((3, tuple(state["rng"]), None))
+
     def best(self):  # {bucket: best arm so far}, for the stats
         out = {}
         for (b, a), r in self.rewards.items():
@@ -509,11 +518,7 @@ def ensure_cache(module, n_slots, max_len, hidden=False):
     if k is not None and (k.device != w.device or k.dtype != w.dtype or k.shape[1] < n_slots or k.shape[3] < max_len):
         if k.device == w.device and k.dtype == w.dtype:
             n_slots, max_len = max(n_slots, k.shape[1]), max(max_len, k.shape[3])
-        module.graph_pool = k = module.k_cache = module.v_cache = module.buffers_ = None
-        for layer in module.layers:
-            layer.self_attn.k_cache = layer.self_attn.v_cache = None
-        if w.is_cuda:
-            torch.cuda.empty_cache()
+        k = release(module)
     if k is None:
         module.setup_cache(n_slots, max_len)
     S, L = module.k_cache.shape[1], module.k_cache.shape[3]
@@ -524,6 +529,16 @@ def ensure_cache(module, n_slots, max_len, hidden=False):
     elif buf is None:
         module.buffers_ = dict(tokens=torch.zeros(S, L, dtype=torch.long, device=w.device), hidden=None)
     return module.buffers_
+
+
+def release(module):
+    """Free a module's static cache, the engine's buffers and the CUDA graphs that hold them (the next call
+    allocates and captures again): memory for the policy update when both phases do not fit at once."""
+    module.graph_pool = module.k_cache = module.v_cache = module.buffers_ = None
+    for layer in module.layers:
+        layer.self_attn.k_cache = layer.self_attn.v_cache = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def make_state(prompts, L, dev, hidden_dim=None, dtype=torch.float32, seq_ids=None, group_ids=None, buffers=None):

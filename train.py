@@ -14,6 +14,7 @@ weights into the inference copy -> drafter averaged across ranks -> metrics -> c
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,7 @@ import nanotlt
 import rl
 from drafter import SpotTrainer
 from nanotlt import Drafter
-from spec_decode import Bandit, generate
+from spec_decode import Bandit, generate, release
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Config:
     prompts_per_step: int = 64  # across all ranks; each rank rolls out whole GRPO groups
     group_size: int = 8
     max_new_tokens: int = 8192
+    max_prompt_len: int = 1024  # longer prompts are dropped (and counted); sizes the engine's cache with the above
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 1e-6
@@ -62,18 +65,25 @@ class Config:
     drafter_init: str = ""  # a drafter exported by `python drafter.py`
     eval_every: int = 20
     eval_prompts: int = 128
+    eval_samples: int = 4  # sampled pass@1 over this many samples per eval prompt (temperature 0.6, top-p 0.95)
+    log: str = ""  # also log to an experiment tracker: wandb or tensorboard (installed separately)
     save_every: int = 20
     seed: int = 0
     resume: bool = False
     bench: bool = False
     cuda_graphs: bool = True
     grad_checkpointing: bool = True
+    release_engine: str = "auto"  # free the KV cache and graphs for the update: auto (when the plan needs it), on, off
+    plan_memory: bool = False  # print the per-rank memory plan of this configuration (config.json only) and exit
+    nproc_per_node: int = 8  # --plan_memory: ranks per node (times --nnodes)
+    nnodes: int = 1
+    gpu_gb: float = 79.6  # --plan_memory: GiB per GPU (an "80 GB" H100)
 
 
 TINY = dict(model="tiny", dataset="tiny", steps=30, prompts_per_step=32, group_size=8, max_new_tokens=256,
-            lr=3e-5, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3, drafter_tokens=2048,
-            drafter_min_steps=20, tail_training=False, eval_every=5, eval_prompts=128, save_every=5, cuda_graphs=False,
-            grad_checkpointing=False)
+            max_prompt_len=128, lr=3e-5, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3,
+            drafter_tokens=2048, drafter_min_steps=20, tail_training=False, eval_every=5, eval_prompts=128,
+            eval_samples=0, save_every=5, cuda_graphs=False, grad_checkpointing=False)
 
 
 def parse_args(argv):
@@ -102,7 +112,7 @@ def parse_args(argv):
             except ValueError:
                 raise ValueError(f"--{key} takes a {typ.__name__}, got {val!r}") from None
         i += 2
-    preset = given.get("preset", "auto")
+    preset = given.get("preset", "real" if given.get("plan_memory") else "auto")  # a plan is for GPUs
     if preset == "auto":
         preset = "real" if torch.cuda.is_available() else "tiny"
         why = "a CUDA device is available" if preset == "real" else "no CUDA device, so offline on the CPU"
@@ -111,8 +121,9 @@ def parse_args(argv):
     else:
         raise ValueError(f"unknown preset {preset!r} (choose auto, real or tiny)")
     cfg = Config(**{**(TINY if preset == "tiny" else {}), **given, "preset": preset})
-    if cfg.sd not in ("on", "off"):
-        raise ValueError(f"--sd takes on or off, got {cfg.sd!r}")
+    for key, ok in (("sd", ("on", "off")), ("release_engine", ("auto", "on", "off")), ("log", ("", "wandb", "tensorboard"))):
+        if getattr(cfg, key) not in ok:
+            raise ValueError(f"--{key} takes {' or '.join(ok)}, got {getattr(cfg, key)!r}")
     for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_prompts"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
@@ -172,29 +183,36 @@ def load_models(cfg, device, world):
 
 
 def load_prompts(tok, source, split, max_prompt_len):
+    """Rows with their prompt's token ids; prompts longer than max_prompt_len tokens are dropped. Returns (rows,
+    bad rows skipped, prompts dropped as too long)."""
     rows, bad = rl.load_rows(source, split)
     for r in rows:
         instruction = "" if isinstance(tok, nanotlt.CharTokenizer) else "\n" + rl.MATH_INSTRUCTION  # tiny task: none
         r["ids"] = nanotlt.encode_prompt(tok, r["prompt"] + instruction)
-    too_long = [len(r["ids"]) for r in rows if len(r["ids"]) > max_prompt_len]
-    if too_long:
-        raise ValueError(f"{len(too_long)} prompts of {source!r} are longer than the context allows "
-                         f"(longest {max(too_long)} tokens > {max_prompt_len} = context - max_new_tokens)")
-    return rows, bad
+    kept = [r for r in rows if len(r["ids"]) <= max_prompt_len]
+    if not kept:
+        raise ValueError(f"no prompt of {source!r} fits in {max_prompt_len} tokens (--max_prompt_len, and the "
+                         f"model's context less --max_new_tokens)")
+    return kept, bad, len(rows) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the RL step
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):  # the prompts' order in one epoch
+    order = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return order
+
+
 def step_prompts(rows, cfg, step, rank, world):
-    """This rank's prompts for a step: a seeded permutation per epoch, whole groups per rank."""
-    P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // world
-    epoch, pos = divmod(step * P, len(rows))
-    order = list(range(len(rows)))
-    random.Random(cfg.seed * 1000003 + epoch).shuffle(order)
-    idx = [order[(pos + i) % len(rows)] for i in range(P)]
-    return [(step * P + i, rows[idx[i]]) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    """This rank's prompts for a step, whole groups per rank: global prompt k = step * P + i is prompt k % n of
+    epoch k // n's permutation, so a step that crosses the end of an epoch continues in the next one's order."""
+    P, per_rank, n = cfg.prompts_per_step, cfg.prompts_per_step // world, len(rows)
+    return [(k, rows[epoch_order(n, cfg.seed, k // n)[k % n]])
+            for k in range(step * P + rank * per_rank, step * P + (rank + 1) * per_rank)]
 
 
 def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False, **kw):
@@ -215,9 +233,11 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
 
 def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
     """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
-    response tokens, gradients summed across ranks (FSDP2's reduce-scatter, summing). Returns the loss summed
-    over this rank's micro-batches (the ranks' sums add up to the batch loss). Raises on every rank together if
-    any rank's loss is not finite."""
+    response tokens, gradients summed across ranks (FSDP2's reduce-scatter, summing). Returns the batch's
+    metrics: loss, clip_frac (response tokens whose ratio was clipped), kl (k3, against the reference), entropy
+    (the mean of -log p over the sampled tokens: the sampling distribution's entropy, estimated), the gradient
+    norm before clipping and the learning rate. Raises on every rank together if any rank's loss or the
+    gradients are not finite."""
     seqs = []  # (input ids, first response position, response length, advantage)
     for (_, row), out, a in zip(samples, outputs, adv.tolist()):
         seqs.append((row["ids"] + out, len(row["ids"]), len(out), a))
@@ -241,20 +261,26 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
         lp = lambda model: [logprobs(model, b, device, T, cfg.top_p)[0] for b in batches]
         old = lp(policy) if cfg.updates_per_rollout > 1 else None
         refs = lp(ref) if ref is not None else None
-    total = torch.zeros((), device=device)
+    # summed over this rank's micro-batches: loss; over its response tokens: clipped, KL, -log p
+    sums = torch.zeros(4, device=device)
     for _ in range(cfg.updates_per_rollout):
         for j, b in enumerate(batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
             logp, mask, a = logprobs(policy, b, device, T, cfg.top_p)
-            loss, _ = rl.policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
+            loss, m = rl.policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
                                      ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
             loss.backward()
-            total += loss.detach()
-        if not all_reduce(torch.isfinite(total).float(), dist.ReduceOp.MIN).item():
-            raise FloatingPointError("non-finite loss: try a lower --lr")
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            sums += torch.stack([loss.detach(), m["clip_frac"] * mask.sum(), m.get("kl", 0 * loss) * mask.sum(),
+                                 -(logp.detach() * mask).sum()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: sharded
+        if not all_reduce(torch.isfinite(sums[0] + grad_norm).float(), dist.ReduceOp.MIN).item():
+            raise FloatingPointError("non-finite loss or gradients: try a lower --lr")
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return total.item() / cfg.updates_per_rollout
+    sums = all_reduce(sums).tolist()
+    tokens = n_tokens.item() * cfg.updates_per_rollout
+    return dict(loss=sums[0] / cfg.updates_per_rollout, clip_frac=sums[1] / max(1, tokens), kl=sums[2] / max(1, tokens),
+                entropy=sums[3] / max(1, tokens), grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
 
 
 def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0):
@@ -312,16 +338,30 @@ def copy_weights(src, dst):
 
 
 def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
-    """Greedy accuracy on held-out prompts (split across ranks) and, with a drafter, its acceptance length on
-    them with one fixed tree shape for all rows (the bandit's choices would blur how well the drafter follows)."""
+    """Held-out prompts, split across ranks: greedy accuracy, the sampled pass@1 people report for reasoning
+    models (cfg.eval_samples samples per prompt at temperature 0.6, top-p 0.95), and with a drafter its acceptance
+    length on the greedy rollouts with one fixed tree shape for all rows (the bandit's choices would blur how well
+    the drafter follows). A rank with no prompt of its own still joins the reductions."""
     rows = rows[:cfg.eval_prompts]
     mine = [(i, r) for i, r in enumerate(rows) if i % world == rank]
-    sd = dict(sd_threshold=len(mine), draft_depth=6, draft_topk=4, verify_tokens=16) if drafter is not None else {}
-    outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd, **cache)
-    correct = sum(rl.math_reward(tok.decode(o, skip_special_tokens=True), r["answer"]) for o, (_, r) in zip(outs, samples))
-    s = all_reduce(torch.tensor([float(correct), stats["sd_tokens"], stats["sd_rows"]], device=device)).tolist()
-    out = dict(eval_accuracy=s[0] / max(1, len(rows)))
-    return dict(out, eval_accept_len=s[1] / max(1, s[2])) if drafter is not None else out
+    sums = torch.zeros(4, dtype=torch.float64)  # greedy correct, sampled correct, SD tokens, SD rows
+    if mine:
+        sd = dict(sd_threshold=len(mine), draft_depth=6, draft_topk=4, verify_tokens=16) if drafter is not None else {}
+        outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd, **cache)
+        sums[0] = float(rl.rollout_rewards(outs, [tok.decode(o, skip_special_tokens=True) for o in outs],
+                                           [r["answer"] for _, r in samples], tok.eos_token_id, cfg.max_new_tokens).sum())
+        sums[2:] = torch.tensor([stats["sd_tokens"], stats["sd_rows"]])
+        if cfg.eval_samples:
+            k = dataclasses.replace(cfg, temperature=0.6, top_p=0.95, group_size=cfg.eval_samples)
+            outs, samples, _ = rollout(k, infer, tok, mine, drafter, None, None, -1, **cache)
+            sums[1] = float(rl.rollout_rewards(outs, [tok.decode(o, skip_special_tokens=True) for o in outs],
+                                               [r["answer"] for _, r in samples], tok.eos_token_id,
+                                               cfg.max_new_tokens).sum())
+    s = all_reduce(sums.to(device)).tolist()
+    out = dict(eval_accuracy=s[0] / len(rows))
+    if cfg.eval_samples:
+        out["eval_pass@1"] = s[1] / (len(rows) * cfg.eval_samples)
+    return dict(out, eval_accept_len=s[2] / max(1, s[3])) if drafter is not None else out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,10 +374,10 @@ def barrier():
         dist.barrier()
 
 
-def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank, world):
+def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     """ckpt/step_N/: state/ holds the policy's weights and optimizer, sharded (torch.distributed.checkpoint: each
     rank writes its own shards, so `--out` must be on a file system all nodes share); rank_R/ each rank's drafter
-    trainer and RNG; policy/ the policy in HF format (transformers, serving engines), gathered to rank 0 on the
+    trainer, RNG and bandit; policy/ the policy in HF format (transformers, serving engines), gathered to rank 0 on the
     CPU. Written under a temporary name that rank 0 renames once every rank is done; the last two are kept."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
@@ -359,8 +399,8 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank, world):
     if trainer is not None:
         trainer.save(os.path.join(mine, "drafter"))
     os.makedirs(mine, exist_ok=True)
-    torch.save({"torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1])},
-               os.path.join(mine, "rng.pt"))
+    torch.save({"torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
+                "bandit": bandit and bandit.state_dict()}, os.path.join(mine, "rng.pt"))
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -374,7 +414,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, rank, world):
     barrier()
 
 
-def load_checkpoint(cfg, policy, infer, opt, trainer, rank, world):
+def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
     """Restore the latest checkpoint exactly (same number of ranks); returns the step to continue from. The
     learning rates given now (--lr, --drafter_lr) win over the saved ones."""
     import torch.distributed.checkpoint as dcp
@@ -401,6 +441,8 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, rank, world):
     s = torch.load(os.path.join(mine, "rng.pt"), weights_only=True)
     torch.set_rng_state(s["torch_rng"])
     random.setstate((3, tuple(s["python_rng"]), None))
+    if bandit is not None and s["bandit"] is not None:
+        bandit.load_state_dict(s["bandit"])
     return meta["step"] + 1
 
 
@@ -409,23 +451,29 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, rank, world):
 
 
 def train(cfg, rank=0, world=1, log=print):
-    """Run cfg.steps RL steps. Returns the metrics of each step (with the rollout timelines of every rank),
-    the policy (sharded with several ranks), the serving drafter and the policy's optimizer."""
+    """Run cfg.steps RL steps. Returns the metrics of each step (`history`, with the rollout timelines of every
+    rank), the `policy` (sharded with several ranks), the serving `drafter`, its `trainer` and the policy's `opt`."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     policy, infer, tok = load_models(cfg, device, world)
-    max_prompt = infer.args.max_seq_len - cfg.max_new_tokens
+    max_prompt = min(cfg.max_prompt_len, infer.args.max_seq_len - cfg.max_new_tokens)
     if max_prompt <= 0:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
                          f"model's context of {infer.args.max_seq_len}")
     if cfg.prompts_per_step % world or cfg.eval_prompts < world:
         raise ValueError(f"--prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the {world} ranks and "
                          f"--eval_prompts ({cfg.eval_prompts}) at least {world}")
-    rows, bad = load_prompts(tok, cfg.dataset, "train", max_prompt)
-    eval_rows, _ = load_prompts(tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)
-    # the engine's static cache, sized once for every rollout and evaluation of the run
-    cache = dict(max_prompt_len=max(len(r["ids"]) for r in rows + eval_rows[:cfg.eval_prompts]),
+    rows, bad, too_long = load_prompts(tok, cfg.dataset, "train", max_prompt)
+    if cfg.eval_dataset or not (os.path.exists(cfg.dataset) or cfg.dataset.endswith((".json", ".jsonl"))):
+        eval_rows = load_prompts(tok, cfg.eval_dataset or cfg.dataset, "test", max_prompt)[0]
+    else:  # a local file has no test split: hold out its last rows (up to a fifth) rather than grade on training data
+        held = min(cfg.eval_prompts, len(rows) // 5)
+        rows, eval_rows = rows[:len(rows) - held], rows[len(rows) - held:]
+        if not held:
+            raise ValueError(f"{cfg.dataset!r} is too small to hold out eval prompts: give --eval_dataset")
+    # the engine's static cache, sized once for every rollout and evaluation of the run (as --plan_memory does)
+    cache = dict(max_prompt_len=max_prompt,
                  max_rows=max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world)))
     # the frozen initial policy for the KL, bf16 on a GPU; sharded like the policy when there are several ranks
     ref = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_coef else None
@@ -440,13 +488,16 @@ def train(cfg, rank=0, world=1, log=print):
         drafter = Drafter.load(cfg.drafter_init, infer) if cfg.drafter_init else Drafter.from_target(infer)
         trainer = SpotTrainer(drafter, lr=cfg.drafter_lr, max_tokens=cfg.drafter_tokens, seed=cfg.seed + rank)
         bandit = Bandit(seed=cfg.seed)
-    start = load_checkpoint(cfg, policy, infer, opt, trainer, rank, world) if cfg.resume else 0
+    start = load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world) if cfg.resume else 0
+    release_engine = cfg.release_engine == "on" or (cfg.release_engine == "auto" and device.type == "cuda" and plan_memory(
+        cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory / GiB)["release_engine_for_update"])
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-        log(f"{len(rows)} train prompts ({bad} bad rows skipped), {len(eval_rows)} eval prompts, "
+        log(f"{len(rows)} train prompts ({bad} bad rows skipped, {too_long} longer than {max_prompt} tokens "
+            f"dropped), {len(eval_rows)} eval prompts, "
             f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, {world} rank(s)")
         log("config " + json.dumps(dataclasses.asdict(cfg)))
         kept = [l for l in open(metrics_path) if l.endswith("\n")] if cfg.resume and os.path.exists(metrics_path) else []
@@ -454,7 +505,7 @@ def train(cfg, rank=0, world=1, log=print):
             f.writelines(l for l in kept if json.loads(l)["step"] < start)
         if not cfg.resume:  # a new run: a later --resume must not pick up an older run's checkpoint
             shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
-    history = []
+    history, tracker = [], make_tracker(cfg) if rank == 0 else None
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
         evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device, cache) if cfg.eval_every and (
@@ -463,6 +514,7 @@ def train(cfg, rank=0, world=1, log=print):
             if evals and rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(dict(step=step, **evals)) + "\n")
+                tracker and tracker(evals, step)
                 log("final | " + " | ".join(f"{k} {v:.3f}" for k, v in evals.items()))
             break
         t0 = time.perf_counter()
@@ -478,32 +530,43 @@ def train(cfg, rank=0, world=1, log=print):
                                      cfg.max_new_tokens)  # truncated responses score 0
         adv = rl.group_advantages(rewards, cfg.group_size)
         masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
-        loss = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
-                      rank == 0 and sys.stderr.isatty())
+        if release_engine:  # the plan says the update does not fit beside the engine's cache and graphs
+            for m in (infer, drafter):
+                m is not None and release(m)
+        update_t0 = time.perf_counter()
+        um = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
+                    rank == 0 and sys.stderr.isatty())
         copy_weights(policy, infer)
+        update_s = time.perf_counter() - update_t0
         tstats = {}
         if trainer is not None:
             trainer.sync()  # average the training copies across ranks: the serving drafter for the next step
             tstats = trainer.stats()
         lens = [len(o) for o in outputs]
+        n_train = sum(tstats.get(k, 0) for k in ("tail_steps", "idle_steps", "topup_steps"))
         drafter_stats = {f"drafter_{k}": tstats.get(k, 0.0)
-                         for k in ("tail_steps", "idle_steps", "topup_steps", "loss", "train_s", "stop_wait_s")}
+                         for k in ("tail_steps", "idle_steps", "topup_steps", "train_s", "stop_wait_s")}
+        flat = rewards.view(-1, cfg.group_size)
         sums = all_reduce_dict(dict(reward=rewards.sum().item(), correct=(rewards == 1).sum().item(), rows=len(lens),
                                     len=sum(lens), sd_tokens=rs["sd_tokens"], sd_rows=rs["sd_rows"],
-                                    tokens=rs["tokens"], loss=loss, truncated=sum(truncated), **drafter_stats), device)
-        maxs = all_reduce_dict(dict(len=max(lens), rollout_s=rollout_end, tail_s=rs["tail_s"]), device,
-                               dist.ReduceOp.MAX)
-        train_steps = sums["drafter_tail_steps"] + sums["drafter_idle_steps"] + sums["drafter_topup_steps"]
+                                    tokens=rs["tokens"], truncated=sum(truncated), groups=len(flat),
+                                    zero_std=(flat == flat[:, :1]).all(1).sum().item(), drafter_steps=n_train,
+                                    drafter_loss=tstats.get("loss", 0.0) * n_train, **drafter_stats), device)
+        maxs = all_reduce_dict(dict(len=max(lens), rollout_s=rollout_end, tail_s=rs["tail_s"], update_s=update_s,
+                                    drafter_s=idle_end - rollout_end), device, dist.ReduceOp.MAX)
         rec = dict(step=step, reward_mean=sums["reward"] / sums["rows"], accuracy=sums["correct"] / sums["rows"],
-                   response_len_mean=sums["len"] / sums["rows"], response_len_max=int(maxs["len"]),
-                   rollout_s=maxs["rollout_s"], step_s=time.perf_counter() - t0,
+                   frac_reward_zero_std=sums["zero_std"] / sums["groups"],  # groups with no learning signal
+                   response_len_mean=sums["len"] / sums["rows"], response_len_max=int(maxs["len"]), **um,
+                   rollout_s=maxs["rollout_s"], tail_s=maxs["tail_s"], drafter_s=maxs["drafter_s"],
+                   update_s=maxs["update_s"], step_s=time.perf_counter() - t0,
                    sd_accept_len=sums["sd_tokens"] / max(1, sums["sd_rows"]),
-                   sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(train_steps),
+                   sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(sums["drafter_steps"]),
                    **{k: int(sums[k]) for k in ("drafter_tail_steps", "drafter_idle_steps", "drafter_topup_steps")},
+                   drafter_loss=sums["drafter_loss"] / max(1, sums["drafter_steps"]),  # per step, over the ranks' steps
                    # per-rank means; stop_wait_s: the rollout waiting for a running drafter step to end
-                   **{k: sums[k] / world for k in ("drafter_loss", "drafter_train_s", "drafter_stop_wait_s")},
-                   tail_s=maxs["tail_s"], loss=sums["loss"], tokens=int(sums["tokens"]),
-                   truncated=int(sums["truncated"]), arms={str(k): v for k, v in rs["arms"].items()}, **evals)
+                   **{k: sums[k] / world for k in ("drafter_train_s", "drafter_stop_wait_s")},
+                   tokens=int(sums["tokens"]), truncated=int(sums["truncated"]),
+                   arms={str(k): v for k, v in rs["arms"].items()}, **evals)
         digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
         timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
                         idle_end=idle_end, digest=digest, tail_training=trainer is not None and cfg.tail_training)
@@ -516,18 +579,90 @@ def train(cfg, rank=0, world=1, log=print):
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            tracker and tracker(rec, step)
             log(f"step {step:4d} | reward {rec['reward_mean']:.3f} | len {rec['response_len_mean']:6.1f} "
                 f"(max {rec['response_len_max']}) | rollout {rec['rollout_s']:6.2f}s tail {rec['tail_s']:5.2f}s | "
                 f"accept {rec['sd_accept_len']:.2f} | drafter {rec['drafter_train_steps']} steps loss "
                 f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
                 + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
-            save_checkpoint(cfg, step, policy, tok, opt, trainer, rank, world)
-    return history, policy, drafter, opt
+            save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world)
+    if rank == 0:
+        plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
+    return types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt,
+                                 bandit=bandit)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # --bench: the same steps with SD off and on, and the rollout timeline picture
+
+
+def make_tracker(cfg):
+    """--log wandb | tensorboard: each step's numbers also go to an experiment tracker (installed separately)."""
+    if not cfg.log:
+        return None
+    try:
+        if cfg.log == "wandb":
+            import wandb
+            run = wandb.init(project="nanotlt", config=dataclasses.asdict(cfg), dir=cfg.out)
+            return lambda rec, step: run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"--log {cfg.log}: {e} (pip install {cfg.log})") from None
+    writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+
+    def log(rec, step):
+        for k, v in rec.items():
+            if isinstance(v, (int, float)):
+                writer.add_scalar(k, v, step)
+        writer.flush()
+    return log
+
+
+def plot_curves(metrics_path, path):
+    """The run at a glance: rewards and accuracies, response lengths, acceptance lengths, and each step's time
+    split into the bulk of the rollout, its tail, the drafter's training after it and the policy update."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None  # matplotlib is optional
+    recs = [json.loads(line) for line in open(metrics_path)]
+    steps = [r for r in recs if "reward_mean" in r]
+    evals = [r for r in recs if "eval_accuracy" in r]
+    if not steps:
+        return None
+    x = [r["step"] for r in steps]
+    col = lambda rs, k: [r.get(k, 0.0) for r in rs]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    ax[0, 0].plot(x, col(steps, "reward_mean"), label="reward (train samples)", alpha=0.6)
+    for k, label in (("eval_accuracy", "eval accuracy (greedy)"), ("eval_pass@1", "eval pass@1 (sampled)")):
+        if evals and k in evals[0]:
+            ax[0, 0].plot([r["step"] for r in evals], col(evals, k), "o-", label=label)
+    ax[0, 0].set_title("reward and accuracy")
+    ax[0, 1].plot(x, col(steps, "response_len_mean"), label="mean")
+    ax[0, 1].plot(x, col(steps, "response_len_max"), label="max")
+    ax[0, 1].set_title("response length (tokens)")
+    ax[1, 0].plot(x, col(steps, "sd_accept_len"), label="rollout (the bandit's trees)")
+    if evals and "eval_accept_len" in evals[0]:
+        ax[1, 0].plot([r["step"] for r in evals], col(evals, "eval_accept_len"), "o-", label="eval (fixed tree 6/4/16)")
+    ax[1, 0].set_title("drafter: accepted tokens per verify step")
+    parts = {"rollout, bulk": [r["rollout_s"] - r["tail_s"] for r in steps], "rollout, tail": col(steps, "tail_s"),
+             "drafter training after the rollout": col(steps, "drafter_s"), "update": col(steps, "update_s")}
+    parts["other"] = [max(0.0, r["step_s"] - sum(p[i] for p in parts.values())) for i, r in enumerate(steps)]
+    bottom = [0.0] * len(x)
+    for name, v in parts.items():
+        ax[1, 1].bar(x, v, bottom=bottom, label=name, width=0.85)
+        bottom = [b + t for b, t in zip(bottom, v)]
+    ax[1, 1].set_title("step time (s)")
+    for a in ax.flat:
+        a.set_xlabel("RL step")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_timeline(runs, path):
@@ -570,7 +705,7 @@ def bench(cfg, rank, world, log):
     for sd in ("off", "on"):
         c = dataclasses.replace(cfg, sd=sd, out=os.path.join(cfg.out, f"bench_sd_{sd}"), save_every=0, eval_every=0,
                                 resume=False)
-        runs[sd] = train(c, rank, world, log=lambda msg, sd=sd: log(f"[sd {sd}] {msg}"))[0]
+        runs[sd] = train(c, rank, world, log=lambda msg, sd=sd: log(f"[sd {sd}] {msg}")).history
     off, on = runs["off"], runs["on"]
     rows = []
     for a, b in zip(off, on):
@@ -621,13 +756,16 @@ def model_args(name):
     """ModelArgs from a model's config.json (a local dir or the hub), or the table above when offline."""
     if name.split(":")[0] == "tiny":
         return nanotlt.TINY_SHAPES[name.partition(":")[2] or "tiny"][0]()
-    try:
-        from transformers import AutoConfig
-        return nanotlt.ModelArgs.from_hf(AutoConfig.from_pretrained(nanotlt.resolve(name), trust_remote_code=False))
-    except Exception as e:
-        if name in KNOWN_MODELS:
-            return nanotlt.ModelArgs(**KNOWN_MODELS[name])
-        raise ValueError(f"cannot read the config of {name!r}: {str(e).splitlines()[0]}") from None
+    from transformers import AutoConfig
+    for local in (True, False):  # a local dir or the hub's cache first: offline, no retries
+        try:
+            cfg = AutoConfig.from_pretrained(nanotlt.resolve(name), trust_remote_code=False, local_files_only=local)
+            return nanotlt.ModelArgs.from_hf(cfg)
+        except Exception as e:
+            if name in KNOWN_MODELS:
+                return nanotlt.ModelArgs(**KNOWN_MODELS[name])
+            error = e
+    raise ValueError(f"cannot read the config of {name!r}: {str(error).splitlines()[0]}") from None
 
 
 def n_params(a):
@@ -647,7 +785,7 @@ def update_activations(a, tokens, b, chunk_tokens=4096, checkpointing=True):
     if not checkpointing:
         kept, block = kept + a.n_layers * block, 0
     c = min(chunk_tokens, tokens)
-    logits = c * a.vocab_size * (16 + (b < 4) * 2 * b) + 4 * a.vocab_size * a.dim  # fp32 copies, the head's grad
+    logits = c * a.vocab_size * (16 + (b < 4) * b) + 4 * a.vocab_size * a.dim  # fp32 copies, the head's grad
     return kept + max(block, logits)
 
 
@@ -692,6 +830,16 @@ def plan_memory(cfg, world, a, gpu_gib=79.6):
 
 def main(argv):
     cfg, why = parse_args(argv)
+    if cfg.plan_memory:
+        world = cfg.nproc_per_node * cfg.nnodes
+        plan = plan_memory(cfg, world, model_args(cfg.model), cfg.gpu_gb)
+        print(f"{cfg.model} on {world} GPU(s) of {cfg.gpu_gb} GiB, {cfg.prompts_per_step} prompts x {cfg.group_size}, "
+              f"{cfg.max_new_tokens}-token responses: per rank, rollout {plan['rollout_peak_gb']} GiB, update "
+              f"{plan['update_peak_gb']} GiB -> {'fits' if plan['fits'] else 'DOES NOT FIT'}")
+        for k, v in plan["parts_gb"].items():
+            print(f"  {k:22} {v:8.2f} GiB")
+        print(json.dumps(dict(model=cfg.model, **plan)))
+        return
     rank, world = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"nanotlt: {cfg.preset} preset ({why})")
