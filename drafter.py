@@ -1,15 +1,16 @@
 """drafter.py: the EAGLE-style drafter and its spot trainer (DESIGN.md §4 "Drafter", "Spot trainer").
 
-The drafter is one decoder layer that reads the target's last-layer hidden state h_t and the embedding of
-the next token x_{t+1}, and predicts h_{t+1}; the target's own frozen final norm and LM head turn that into
-draft tokens. It learns online from hidden states the rollout computes anyway: `DraftBuffer` keeps them per
-RL step, `drafter_loss` scores packed samples, `SpotTrainer` trains a copy of the serving drafter in the
-rollout's tail and idle time and averages the copies across ranks; `export` writes an EAGLE checkpoint.
+The drafter (EAGLE-1, nanotlt.Drafter) is one decoder layer that reads the target's last hidden state h_t
+after its final norm and the embedding of the next token x_{t+1}, and predicts h_{t+1}; the target's own frozen
+LM head turns that into draft tokens. It learns online from hidden states the rollout computes anyway:
+`DraftBuffer` keeps them per RL step, `drafter_loss` scores packed windows, `SpotTrainer` trains a copy of the
+serving drafter in the rollout's tail and idle time and averages the copies across ranks.
 
-    python drafter.py [--model NAME_OR_PATH] [--steps N] [--out DIR]
+    python drafter.py [--model NAME_OR_PATH|smollm2] [--minutes M] [--engine sglang|vllm] [--out DIR]
 
 trains one offline on text the target generates itself; the last line (JSON) gives the acceptance length
-before and after. The export (DIR/config.json + DIR/model.safetensors) loads in EAGLE-capable engines.
+before and after. The export (DIR/config.json + DIR/model.safetensors) is an EAGLE-1 checkpoint for SGLang or
+vLLM.
 """
 import argparse
 import copy

@@ -508,7 +508,7 @@ def tiny_example(rng: random.Random):
     return {"prompt": "+".join(map(str, terms)) + "=", "solution": "".join(steps) + f"####{total}", "answer": str(total)}
 
 
-def write_tiny_task(out_dir, n_train=20000, n_test=256, seed=0):
+def write_tiny_task(out_dir, n_train=20000, n_test=1024, seed=0):
     """Write the synthetic task to train.jsonl / test.jsonl (fields prompt, solution, answer)."""
     os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(seed)
@@ -519,20 +519,16 @@ def write_tiny_task(out_dir, n_train=20000, n_test=256, seed=0):
     return out_dir
 
 
-def tiny_rl_prompts(data_dir, seed=0):
-    """The RL prompts of the tiny task (rl_train.jsonl, made once from train.jsonl): 90% of the shortest lists,
-    where the warmed-up model is right about half the time (groups whose answers differ: a learning signal), and
-    10% from the natural long-tailed mix, so that rollouts keep their long tail. No prompt of the test split is
-    among them (there are only 729 lists of three digits): what RL teaches must carry over to unseen lists."""
+def tiny_rl_prompts(data_dir):
+    """The RL prompts of the tiny task (rl_train.jsonl, made once): train.jsonl without the prompts that are also in
+    the test split (there are only 729 lists of three digits), so that an eval gain is what carries over to unseen
+    lists. The mix of lengths stays the natural one, the eval's: RL on short lists only teaches `####` early."""
     path = os.path.join(data_dir, "rl_train.jsonl")
     if not os.path.exists(path):
         test = {json.loads(line)["prompt"] for line in open(os.path.join(data_dir, "test.jsonl"))}
-        rows = [r for r in map(json.loads, open(os.path.join(data_dir, "train.jsonl"))) if r["prompt"] not in test]
-        short = [r for r in rows if r["prompt"].count("+") == 2]
-        mix = short[:len(short) * 9 // 10] + rows[:len(short) // 10]
-        random.Random(seed).shuffle(mix)
+        rows = [line for line in open(os.path.join(data_dir, "train.jsonl")) if json.loads(line)["prompt"] not in test]
         with open(path + f".tmp{os.getpid()}", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in mix)
+            f.writelines(rows)
         os.replace(path + f".tmp{os.getpid()}", path)
     return path
 

@@ -84,9 +84,9 @@ class Config:
     gpu_gb: float = 79.6  # --plan_memory: GiB per GPU (an "80 GB" H100)
 
 
-TINY = dict(model="tiny", dataset="tiny", steps=30, prompts_per_step=32, group_size=8, max_new_tokens=256,
+TINY = dict(model="tiny", dataset="tiny", steps=40, prompts_per_step=32, group_size=8, max_new_tokens=256,
             max_prompt_len=128, lr=3e-5, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3,
-            drafter_tokens=2048, drafter_min_steps=20, tail_training=False, eval_every=5, eval_prompts=128,
+            drafter_tokens=2048, drafter_min_steps=5, tail_training=False, eval_every=20, eval_prompts=1024,
             eval_samples=0, save_every=5, cuda_graphs=False, grad_checkpointing=False)
 
 
@@ -655,7 +655,11 @@ def plot_curves(metrics_path, path):
     x = [r["step"] for r in steps]
     col = lambda rs, k: [r.get(k, 0.0) for r in rs]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
-    ax[0, 0].plot(x, col(steps, "reward_mean"), label="reward (train samples)", alpha=0.6)
+    reward = col(steps, "reward_mean")
+    ax[0, 0].plot(x, reward, label="reward (train samples)", alpha=0.35, color="C0")
+    w = 10  # the trend: a trailing mean over w steps
+    ax[0, 0].plot(x, [sum(reward[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(x))],
+                  color="C0", label=f"reward, mean of the last {w} steps")
     for k, label in (("eval_accuracy", "eval accuracy (greedy)"), ("eval_pass@1", "eval pass@1 (sampled)")):
         if evals and k in evals[0]:
             ax[0, 0].plot([r["step"] for r in evals], col(evals, k), "o-", label=label)
@@ -748,6 +752,7 @@ def bench(cfg, rank, world, log):
     timed = slice(1 if len(off) > 1 else 0, None)  # step 0 of the first run also pays compilation and warm-up
     result = dict(rollout_speedup=sum(r["rollout_s"] for r in off[timed]) / sum(r["rollout_s"] for r in on[timed]),
                   step_speedup=sum(r["step_s"] for r in off[timed]) / sum(r["step_s"] for r in on[timed]),
+                  tail_ratio=sum(r["tail_s"] for r in on[timed]) / max(1e-9, sum(r["tail_s"] for r in off[timed])),
                   accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=all(same),
                   identical_first_step=same[0],
                   tail_frac_off=sum(r["tail_s"] for r in off) / sum(r["rollout_s"] for r in off),
