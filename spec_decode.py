@@ -5,7 +5,8 @@ a model-free n-gram drafter.
 
     python spec_decode.py --bench [--model NAME_OR_PATH] [--drafter PATH|ngram] [--batch 1,4,16,64]
 
-prints tokens/s of plain decoding and of SD on the same prompts and seed, per batch size; the last line is JSON.
+prints tokens/s of plain decoding and of SD on the same prompts and seed, per batch size, SD as the bandit runs
+it (it keeps plain decoding where drafting does not pay) and, with --fixed_tree, with one tree; last line JSON.
 
 Per row the engine keeps, by cache slot: the tokens so far, the target's hidden states of the cached tokens
 (the drafter reads them), `lens` (tokens in the target's cache) and the *pending* token tokens[lens]: sampled,
@@ -676,7 +677,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     n_errors, capture_s = len(cfg.graphs.errors), cfg.graphs.capture_s  # the pool outlives this call
     st = make_state(prompts, L, dev, seq_ids=seq_ids, group_ids=group_ids, buffers=buffers)
     stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0,
-                 one_off_steps=0, timeline=[])
+                 one_off_steps=0, one_off_s=0.0, timeline=[])
     bar = tqdm(total=N, desc="rollout", leave=False, disable=not progress)
     plen = [len(p) for p in prompts]
     done_rows = Finished(st, plen, on_finish)
@@ -688,6 +689,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
         flags, n_gen = to_host(done), np.ones(N, dtype=np.int64)
         live = np.arange(N)  # the active rows' slots, on the host
         lag = max(plen)  # on the host: the most pairs any active row's drafter cache lacks
+        drafted = False  # whether the learned drafter has run in this call
         while True:
             if flags.any():  # rows that finished: O(finished) host work, the device keeps the order of the others
                 done_rows.add(live[flags], n_gen[flags])
@@ -707,7 +709,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
             arm = bandit.choose(B) if drafter is not None and B <= sd_threshold else None
             use_sd, eager_catch_up = arm is not None and arm.drafter != "plain", False
             if use_sd and arm.drafter == "model" and learned:
-                eager_catch_up = lag > window
+                # the tail's first catch-up (the rows' whole history) is a one-off; a later one is what switching
+                # from other arms costs, and the arm that needs it pays for it
+                eager_catch_up, drafted = lag > window and not drafted, True
                 tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs, lag, window)
             elif use_sd:
                 tree = ngram_draft(st, slots, arm.depth)
@@ -719,6 +723,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
             dt = time.perf_counter() - step_t0
             if cfg.graphs.first_calls != calls0 or eager_catch_up:
                 stats["one_off_steps"] += 1  # a capture, a first run or a long catch-up: not the arm's speed
+                stats["one_off_s"] += dt
             elif arm is not None:
                 bandit.update(B, arm, gained / dt)
             if use_sd:
@@ -759,6 +764,7 @@ def bench():
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--no_graphs", action="store_true", help="CUDA: eager instead of CUDA graphs")
+    ap.add_argument("--fixed_tree", action="store_true", help="also SD with one fixed tree (6/4/16; n-gram 3/1/4)")
     args, cuda = ap.parse_args(), torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     if args.model:
@@ -781,18 +787,27 @@ def bench():
                   cuda_graphs=not args.no_graphs)
         sd_kw = dict(kw, drafter=drafter, sd_threshold=b,
                      bandit=Bandit(default_arms(learned)))
+        tree = dict(sd_kw, bandit=None, draft_depth=6 if learned else 3, draft_topk=4 if learned else 1,
+                    verify_tokens=16 if learned else 4)  # one fixed tree: what drafting gives where it runs always
         generate(model, ps, new_tokens, **kw)  # warm-up: allocator, kernels compiled, graphs captured
         generate(model, ps, new_tokens, **sd_kw)  # warm-up; the bandit explores and keeps what it learnt
+        modes = (("plain", kw), ("sd", sd_kw)) + ((("tree", tree),) if args.fixed_tree else ())
+        if args.fixed_tree:
+            generate(model, ps, new_tokens, **tree)  # warm-up
         best = {}  # best of 3: a busy machine only ever slows a run down
-        for mode, opts in (("plain", kw), ("sd", sd_kw)):
+        for mode, opts in modes:
             runs = [generate(model, ps, new_tokens, **opts) for _ in range(3)]
             best[mode] = runs[-1][0], min(r[1]["seconds"] for r in runs), runs[-1][1]
         (out_p, t_p, sp), (out_s, t_s, ss) = best["plain"], best["sd"]
-        rows.append(dict(batch=b, tokens=sp["tokens"], plain_tok_s=round(sp["tokens"] / t_p, 1),
-                         sd_tok_s=round(ss["tokens"] / t_s, 1), speedup=round(t_p / t_s, 3),
-                         accept_len=round(ss["accept_len"], 3), identical=out_p == out_s, arms=ss["arms"],
-                         graph_pool_mb=round(ss["graph_pool_mb"], 1),
-                         graph_errors=sp["graph_errors"] + ss["graph_errors"]))
+        row = dict(batch=b, tokens=sp["tokens"], plain_tok_s=round(sp["tokens"] / t_p, 1),
+                   sd_tok_s=round(ss["tokens"] / t_s, 1), speedup=round(t_p / t_s, 3),
+                   accept_len=round(ss["accept_len"], 3), identical=out_p == out_s, arms=ss["arms"],
+                   graph_pool_mb=round(ss["graph_pool_mb"], 1), graph_errors=sp["graph_errors"] + ss["graph_errors"])
+        if "tree" in best:
+            out_t, t_t, tr = best["tree"]
+            row.update(tree_speedup=round(t_p / t_t, 3), tree_accept_len=round(tr["accept_len"], 3),
+                       identical=row["identical"] and out_t == out_p, graph_errors=row["graph_errors"] + tr["graph_errors"])
+        rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arms"))
     print(json.dumps(dict(device=name, model=args.model or "tiny", drafter="learned" if learned else "ngram",
                           temperature=args.temperature, top_p=args.top_p, new_tokens=new_tokens, results=rows)))

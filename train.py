@@ -750,9 +750,14 @@ def bench(cfg, rank, world, log):
         for r in rows:
             log(" | ".join(f"{k} {v}" for k, v in r.items()))
     timed = slice(1 if len(off) > 1 else 0, None)  # step 0 of the first run also pays compilation and warm-up
+    tail = lambda run: max(1e-9, sum(r["tail_s"] for r in run[timed]))
+    bulk = lambda run: max(1e-9, sum(r["rollout_s"] - r["tail_s"] for r in run[timed]))
     result = dict(rollout_speedup=sum(r["rollout_s"] for r in off[timed]) / sum(r["rollout_s"] for r in on[timed]),
                   step_speedup=sum(r["step_s"] for r in off[timed]) / sum(r["step_s"] for r in on[timed]),
-                  tail_ratio=sum(r["tail_s"] for r in on[timed]) / max(1e-9, sum(r["tail_s"] for r in off[timed])),
+                  tail_ratio=tail(on) / tail(off),
+                  # the same, each run's tail over its own bulk (rows > sd_threshold, where SD never runs): what
+                  # is left when the machine's speed drifts between the two runs (on a shared CPU, +-10% or more)
+                  tail_ratio_vs_bulk=(tail(on) / bulk(on)) / (tail(off) / bulk(off)),
                   accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=all(same),
                   identical_first_step=same[0],
                   tail_frac_off=sum(r["tail_s"] for r in off) / sum(r["rollout_s"] for r in off),
