@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanotlt import ENGINES, Ctx, Drafter, export_eagle, save_safetensors
+from nanotlt import ENGINES, Ctx, Drafter, export_eagle, rng_state, save_safetensors, set_rng_state
 
 
 def soft_ce(target, pred, want):
@@ -295,7 +295,7 @@ class SpotTrainer:
             with self._lock:  # between two optimizer steps: a consistent snapshot
                 weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 state = dict(opt=copy.deepcopy(self.opt.state_dict()), opt_steps=self.opt_steps,
-                             data_step=self.data_step, rng=list(self.rng.getstate()[1]), gen=self.gen.get_state())
+                             data_step=self.data_step, rng=rng_state(self.rng), gen=self.gen.get_state())
             self._saver = threading.Thread(target=write_checkpoint, args=(path, weights, state))
             self._saver.start()
 
@@ -323,7 +323,7 @@ class SpotTrainer:
             self.serving.load_state_dict(weights)
             self.opt.load_state_dict(state["opt"])
             self.opt_steps, self.data_step = state["opt_steps"], state["data_step"]
-            self.rng.setstate((3, tuple(state["rng"]), None))
+            set_rng_state(state["rng"], self.rng)
             self.gen.set_state(state["gen"])
 
 

@@ -261,6 +261,14 @@ def gumbel_ref(seed, seq_ids, steps, vocab):
     return -_log_ref(-_log_ref(u))
 
 
+def nucleus_drop(scaled_logits, top_p):
+    """[..., V] bool, in vocabulary order: the tokens outside the top-p nucleus of softmax(scaled_logits), the
+    smallest set of most likely tokens whose probability reaches top_p (what top-p sampling keeps)."""
+    probs, order = scaled_logits.float().softmax(-1).sort(-1, descending=True)
+    drop = (probs.cumsum(-1) - probs) >= top_p  # in sorted order
+    return drop.scatter(-1, order, drop)
+
+
 def gumbel_argmax_ref(logits, seq_ids, steps, temperature, seed, chunk=1 << 16):
     """What gumbel_argmax computes: logits [N, V] (any float dtype; -inf = excluded), seq_ids, steps [N] -> [N].
     In chunks of rows of about `chunk` entries, so that the int64 hash tensors stay small (and in cache)."""

@@ -1,5 +1,7 @@
 """nanotlt.py: the model. A Llama/Qwen2-family decoder (RMSNorm, RoPE, GQA, SwiGLU), its static KV cache,
-loading of Hugging Face checkpoints, and the tiny offline preset (char tokenizer, synthetic task, warm-up).
+loading of Hugging Face checkpoints, the EAGLE-1 drafter module (one block on the target's post-norm features)
+with its import and export for SGLang and vLLM, and the models to run offline: the SmolLM2 fixture and the tiny
+preset (char tokenizer, synthetic task, warm-up).
 
 Two forward paths share every weight:
   * `model(ids)` / `model.hidden(ids)`: the plain causal forward that training uses;
@@ -93,6 +95,15 @@ def apply_rope(x, cos, sin):  # x [B, H, T, D]; cos, sin [B, 1, T, D]; HF's rota
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+
+def rng_state(rng=random):  # a Python RNG's state as plain ints: checkpoints load it without unpickling
+    return list(rng.getstate()[1])
+
+
+def set_rng_state(state, rng=random):
+    rng.setstate((3, tuple(state), None))  # version 3, no cached gaussian
+
+
 @dataclass
 class Ctx:
     """What one forward call needs besides the tokens. Plain training: `mask` (None = causal, or a dense bool
@@ -108,10 +119,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
-    def forward(self, x, weight=None):  # normalise in fp32, like the HF reference, then cast back
+    def forward(self, x):  # normalise in fp32, like the HF reference, then cast back
         x32 = x.float()
-        w = self.weight if weight is None else weight  # the drafter's loss passes the detached weight
-        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -356,15 +366,12 @@ class Drafter(RopeFP32):
         bias = state.get("fc.bias")
         drafter = cls.from_target(target, fc_bias=bias is not None and bool(bias.any()))
         mine = drafter.state_dict()
-        if "fc.weight" not in state or state["fc.weight"].shape != mine["fc.weight"].shape:
-            raise ValueError(f"{path}: not an EAGLE-1 drafter for this target (fc.weight "
-                             f"{tuple(state['fc.weight'].shape) if 'fc.weight' in state else 'missing'}, "
-                             f"expected {tuple(mine['fc.weight'].shape)})")
-        keep = {k: v for k, v in state.items() if k in mine}
-        missing = [k for k in mine if k not in keep]
-        if missing or any(keep[k].shape != mine[k].shape for k in keep):
-            raise ValueError(f"{path}: weights do not fit a drafter for this target (missing {missing[:3]})")
-        drafter.load_state_dict(keep)
+        bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+        if bad:
+            got = {k: tuple(state[k].shape) if k in state else "missing" for k in bad[:3]}
+            raise ValueError(f"{path}: not an EAGLE-1 drafter for this target ({got}; expected fc.weight "
+                             f"{tuple(mine['fc.weight'].shape)})")
+        drafter.load_state_dict({k: state[k] for k in mine})
         return drafter
 
     def hidden(self, tokens, h, positions, ctx=None):
@@ -417,7 +424,7 @@ def export_eagle(drafter, out_dir, engine="sglang"):
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r} (choose {', '.join(ENGINES)})")
     a, dtype = drafter.target.args, drafter.fc.weight.dtype
-    state = {k: v for k, v in drafter.state_dict().items()}
+    state = drafter.state_dict()
     bias = state.get("fc.bias")
     if engine == "vllm" and bias is not None and bool(bias.any()):
         raise ValueError("vLLM's EAGLE-1 drafter has no fc bias: this drafter's nonzero fc.bias would be dropped")
@@ -570,7 +577,6 @@ def tiny_preset(cache, device="cpu", warmup_steps=300, batch_tokens=2048, seed=0
     tok, data_dir = CharTokenizer(), os.path.join(cache, "tiny_task")
     if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
         write_tiny_task(data_dir)
-    tiny_rl_prompts(data_dir)
     model = Transformer(make_args()).to(device)
     name = "tiny" if shape == "tiny" else f"tiny_{shape}"
     ckpt = os.path.join(cache, f"{name}_warmup_{warmup_steps}steps_seed{seed}.pt")

@@ -15,6 +15,8 @@ import torch
 from math_verify import LatexExtractionConfig, parse, verify
 from torch.utils.checkpoint import checkpoint
 
+import kernels
+
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # ----------------------------------------------------------------------------- answers and rewards
@@ -144,11 +146,9 @@ def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_hig
 def _chunk_logprobs(model, h, targets, temperature=1.0, top_p=1.0):
     """h [B, c, H], targets [B, c] -> log-probs [B, c] of the targets (token_logprobs' per-chunk work)."""
     logits = model.logits(h).float() / temperature  # [B, c, V] fp32: only one chunk's worth at a time
-    if top_p < 1.0:  # the nucleus, by spec_decode.sample's rule; a set, so it carries no gradient
+    if top_p < 1.0:  # the nucleus the rollout sampled from; a set, so it carries no gradient
         with torch.no_grad():
-            probs, order = logits.softmax(-1).sort(-1, descending=True)  # [B, c, V] each
-            drop = (probs.cumsum(-1) - probs) >= top_p  # [B, c, V] in sorted order
-            drop = drop.scatter(-1, order, drop).scatter(-1, targets[..., None], False)  # vocab order, target kept
+            drop = kernels.nucleus_drop(logits, top_p).scatter(-1, targets[..., None], False)  # [B, c, V], target kept
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, c], no 2nd [B, c, V]
 

@@ -47,10 +47,8 @@ def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0):
     if temperature == 0:
         return logits.argmax(-1)
     flat = logits.reshape(B * T, V)
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        probs, order = (flat.float() / temperature).softmax(-1).sort(-1, descending=True)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        flat = flat.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if top_p < 1.0:
+        flat = flat.masked_fill(kernels.nucleus_drop(flat.float() / temperature, top_p), float("-inf"))
     triton = logits.is_cuda if nanotlt.USE_TRITON is None else nanotlt.USE_TRITON
     argmax = kernels.gumbel_argmax if triton else kernels.gumbel_argmax_ref
     return argmax(flat, seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1), temperature, seed).view(B, T)
@@ -239,6 +237,10 @@ def draft_piece(drafter, depth, topk, n_verify, window=None):
     return f"{name}+{window}", lambda sl, ln, x, h, t, p: grow(sl, ln, read_pairs(drafter, sl, ln, x, h, t), p)
 
 
+def tree_size(depth, topk, n_verify):  # the nodes grow_tree keeps: the root and at most every candidate
+    return min(n_verify, 1 + topk + (depth - 1) * topk ** 2)
+
+
 def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
     """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
     the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
@@ -273,7 +275,7 @@ def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
         beam_mask = torch.cat([torch.cat([beam_mask, torch.zeros(B, n, k, dtype=torch.bool, device=dev)], 2),
                                torch.cat([rows, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)], 1)
     tok, score, parent, dep = (torch.cat(x, 1) for x in (cand_tok, cand_score, cand_parent, cand_depth))
-    n_verify = min(n_verify, tok.shape[1] + 1)
+    n_verify = tree_size(depth, k, n_verify)
     keep = (score - 1e-4 * dep).topk(n_verify - 1, -1).indices.sort(-1).values  # parents before children
     local = torch.full_like(tok, -1).scatter_(1, keep, torch.arange(1, n_verify, device=dev).expand(B, -1))
     par = parent.gather(1, keep)
@@ -369,11 +371,11 @@ class Bandit:
 
     def state_dict(self):  # plain lists (a checkpoint loads without unpickling objects)
         return dict(rewards=[[b, list(dataclasses.astuple(a)), r] for (b, a), r in self.rewards.items()],
-                    rng=list(self.rng.getstate()[1]))
+                    rng=nanotlt.rng_state(self.rng))
 
     def load_state_dict(self, state):
         self.rewards = {(b, Arm(*a)): list(r) for b, a, r in state["rewards"]}
-        self.rng.setstate((3, tuple(state["rng"]), None))
+        nanotlt.set_rng_state(state["rng"], self.rng)
 
     def best(self):  # {bucket: best arm so far}, for the stats
         out = {}
@@ -437,6 +439,7 @@ class GraphPool:
             warnings.warn(f"CUDA graph capture failed, running eagerly: {self.errors[-1]}")
             return False
         self.capture_s += time.perf_counter() - t0
+        self.seen.add(key)  # the capture's warm-up ran it: its first replay is an ordinary step
         return True
 
     def capture(self, fn, static):
@@ -472,7 +475,7 @@ def capture_tail(model, drafter, st, cfg, arms, rows, window):
             if a.drafter == "ngram":
                 pool.prepare(*verify_piece(model, cfg, a.depth), slots, z(), *[z(a.depth + 1)] * 3, None, z(), z())
             elif a.drafter == "model" and drafter is not None:
-                T = min(a.verify_tokens, 1 + a.topk + (a.depth - 1) * a.topk ** 2)  # grow_tree's tree size
+                T = tree_size(a.depth, a.topk, a.verify_tokens)
                 pool.prepare(*verify_piece(model, cfg, a.depth), slots, z(), *[z(T)] * 3, z(T, T, dtype=torch.bool),
                              z(), z())
                 f = lambda *shape: z(*shape, dtype=st.hidden.dtype)
@@ -507,6 +510,12 @@ class Run:
 
     def key(self, name):  # a graph that samples bakes in how: the model's pool outlives this call
         return f"{name}/{self.temperature}/{self.top_p}/{self.seed}"
+
+
+def cache_slack(arms=()):
+    """Cache positions one step may write past a row's length: the same for every call whose arms are no larger
+    than the default ones, so that one cache serves them all."""
+    return max(a.verify_tokens + a.depth * a.topk for a in DEFAULT_ARMS + tuple(arms)) + 2
 
 
 def ensure_cache(module, n_slots, max_len, hidden=False):
@@ -622,17 +631,18 @@ class Finished:
     def add(self, rows, n_gen):
         if self.on_finish is None:
             return
+        cuda, copies = self.st.tokens.is_cuda, []
         for i, g in zip(rows.tolist(), n_gen.tolist()):
             n = self.plen[i] + g  # prompt + output
             parts = [self.st.tokens[i, :n], None if self.st.hidden is None else self.st.hidden[i, :n - 1]]
-            if parts[0].is_cuda:  # copies on the current stream into pinned memory, done when the event is
+            if cuda:  # copies on the current stream into pinned memory, done when the event is
                 parts = [p if p is None else torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(
                     p, non_blocking=True) for p in parts]
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                parts, event = [p if p is None else p.clone() for p in parts], None
-            self.pending.append((event, i, *parts))
+            copies.append((i, *[p if p is None or cuda else p.clone() for p in parts]))
+        event = torch.cuda.Event() if cuda else None  # one for the step's finished rows
+        if event is not None:
+            event.record()
+        self.pending += [(event, *c) for c in copies]
         self.poll()
 
     def poll(self, wait=False):
@@ -666,10 +676,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     else:
         arms = default_arms(learned)
     bandit = bandit or Bandit(arms, seed=seed)
-    # what one step may write past a row's length: the same for every call with default-sized arms (one cache)
-    slack = max(a.verify_tokens + a.depth * a.topk for a in DEFAULT_ARMS + tuple(bandit.arms)) + 2
     window = max(a.depth for a in bandit.arms) + 1  # the most one SD step commits: the drafter's usual lag
-    L = max(max(map(len, prompts)), max_prompt_len) + max_new_tokens + slack
+    L = max(max(map(len, prompts)), max_prompt_len) + max_new_tokens + cache_slack(bandit.arms)
     buffers = ensure_cache(model, max(N, max_rows) + 1, L, hidden=learned or on_finish is not None)  # +1: the dummy
     if learned:  # as many slots as the target's cache, so the dummy slot is valid in both
         ensure_cache(drafter, model.k_cache.shape[1], model.k_cache.shape[3])
@@ -685,7 +693,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
     with torch.inference_mode(), on_rollout_stream(dev):
         slots = torch.arange(N, device=dev)
         first = prefill(model, st, slots, prompts, cfg)
-        done = (first == eos_id) | (max_new_tokens <= 1) if eos_id is not None else (first < 0) | (max_new_tokens <= 1)
+        done = torch.full_like(first, max_new_tokens <= 1, dtype=torch.bool)
+        if eos_id is not None:
+            done |= first == eos_id
         flags, n_gen = to_host(done), np.ones(N, dtype=np.int64)
         live = np.arange(N)  # the active rows' slots, on the host
         lag = max(plen)  # on the host: the most pairs any active row's drafter cache lacks
@@ -717,7 +727,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
                 tree = ngram_draft(st, slots, arm.depth)
             h, new, count = verify_step(model, st, slots, tree, cfg) if use_sd else decode_step(model, st, slots, cfg)
             count, done = advance(st, slots, h, new, count, eos_id, max_new_tokens)
-            lag_now = (st.lens[slots] - st.draft_lens[slots]).amax()[None]  # pairs the drafter lacks, at most
+            # the most pairs the drafter lacks (nothing to read without a learned drafter)
+            lag_now = (st.lens[slots] - st.draft_lens[slots]).amax()[None] if learned else count[:1] * 0
             read = to_host(torch.cat([done.long(), st.n_gen[slots], count.sum()[None], lag_now]))  # the one host read
             flags, n_gen, gained, lag = read[:B].astype(bool), read[B:2 * B], int(read[-2]), int(read[-1])
             dt = time.perf_counter() - step_t0
@@ -789,11 +800,9 @@ def bench():
                      bandit=Bandit(default_arms(learned)))
         tree = dict(sd_kw, bandit=None, draft_depth=6 if learned else 3, draft_topk=4 if learned else 1,
                     verify_tokens=16 if learned else 4)  # one fixed tree: what drafting gives where it runs always
-        generate(model, ps, new_tokens, **kw)  # warm-up: allocator, kernels compiled, graphs captured
-        generate(model, ps, new_tokens, **sd_kw)  # warm-up; the bandit explores and keeps what it learnt
         modes = (("plain", kw), ("sd", sd_kw)) + ((("tree", tree),) if args.fixed_tree else ())
-        if args.fixed_tree:
-            generate(model, ps, new_tokens, **tree)  # warm-up
+        for _, opts in modes:  # warm-up: allocator, kernels compiled, graphs captured; the bandit explores
+            generate(model, ps, new_tokens, **opts)
         best = {}  # best of 3: a busy machine only ever slows a run down
         for mode, opts in modes:
             runs = [generate(model, ps, new_tokens, **opts) for _ in range(3)]

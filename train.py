@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 import types
@@ -33,7 +34,7 @@ import nanotlt
 import rl
 from drafter import SpotTrainer
 from nanotlt import Drafter
-from spec_decode import Bandit, generate, release
+from spec_decode import Bandit, cache_slack, generate, release
 
 
 @dataclass
@@ -220,6 +221,10 @@ def step_prompts(rows, cfg, step, rank, world):
             for k in range(step * P + rank * per_rank, step * P + (rank + 1) * per_rank)]
 
 
+def engine_rows(cfg, world):  # the most rows one rank rolls out at once: a step's groups, or its eval prompts
+    return max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world))
+
+
 def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False, **kw):
     """Generate G samples per prompt. Returns outputs, the flat (global sample id, row) list and stats."""
     G = 1 if greedy else cfg.group_size
@@ -234,6 +239,12 @@ def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False,
                               cuda_graphs=cfg.cuda_graphs, on_tail=on_tail, on_finish=on_finish, progress=progress,
                               **{**dict(drafter=drafter, sd_threshold=cfg.sd_threshold, bandit=bandit), **kw})
     return outputs, samples, stats
+
+
+def score(cfg, tok, outputs, samples):
+    """The rewards [N] of rollout outputs against their rows' answers; truncated responses score 0."""
+    return rl.rollout_rewards(outputs, [tok.decode(o, skip_special_tokens=True) for o in outputs],
+                              [r["answer"] for _, r in samples], tok.eos_token_id, cfg.max_new_tokens)
 
 
 def lr_at(cfg, step):
@@ -296,8 +307,8 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
 
 def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0):
     """Log-probs of the response tokens under softmax(logits / temperature) within the top-p nucleus, the
-    distribution the rollout sampled from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute is bf16 (FSDP2's mixed precision,
-    or autocast for a single rank)."""
+    distribution the rollout sampled from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute
+    is bf16 (FSDP2's mixed precision, or autocast for a single rank)."""
     T = max(len(s[0]) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     mask = torch.zeros(len(seqs), T - 1)  # mask[b, t]: token t+1 is a response token
@@ -361,15 +372,12 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
     if mine:
         sd = dict(sd_threshold=len(mine), draft_depth=6, draft_topk=4, verify_tokens=16) if drafter is not None else {}
         outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd, **cache)
-        sums[0] = float(rl.rollout_rewards(outs, [tok.decode(o, skip_special_tokens=True) for o in outs],
-                                           [r["answer"] for _, r in samples], tok.eos_token_id, cfg.max_new_tokens).sum())
+        sums[0] = float(score(cfg, tok, outs, samples).sum())
         sums[2:] = torch.tensor([stats["sd_tokens"], stats["sd_rows"]])
         if cfg.eval_samples:
             k = dataclasses.replace(cfg, temperature=0.6, top_p=0.95, group_size=cfg.eval_samples)
             outs, samples, _ = rollout(k, infer, tok, mine, drafter, None, None, -1, **cache)
-            sums[1] = float(rl.rollout_rewards(outs, [tok.decode(o, skip_special_tokens=True) for o in outs],
-                                               [r["answer"] for _, r in samples], tok.eos_token_id,
-                                               cfg.max_new_tokens).sum())
+            sums[1] = float(score(cfg, tok, outs, samples).sum())
     s = all_reduce(sums.to(device)).tolist()
     out = dict(eval_accuracy=s[0] / len(rows))
     if cfg.eval_samples:
@@ -412,7 +420,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     if trainer is not None:
         trainer.save(os.path.join(mine, "drafter"))
     os.makedirs(mine, exist_ok=True)
-    torch.save({"torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
+    torch.save({"torch_rng": torch.get_rng_state(), "python_rng": nanotlt.rng_state(),
                 "bandit": bandit and bandit.state_dict()}, os.path.join(mine, "rng.pt"))
     barrier()
     if rank == 0:
@@ -453,7 +461,7 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
             g["lr"] = cfg.drafter_lr
     s = torch.load(os.path.join(mine, "rng.pt"), weights_only=True)
     torch.set_rng_state(s["torch_rng"])
-    random.setstate((3, tuple(s["python_rng"]), None))
+    nanotlt.set_rng_state(s["python_rng"])
     if bandit is not None and s["bandit"] is not None:
         bandit.load_state_dict(s["bandit"])
     return meta["step"] + 1
@@ -486,15 +494,13 @@ def train(cfg, rank=0, world=1, log=print):
         if not held:
             raise ValueError(f"{cfg.dataset!r} is too small to hold out eval prompts: give --eval_dataset")
     # the engine's static cache, sized once for every rollout and evaluation of the run (as --plan_memory does)
-    cache = dict(max_prompt_len=max_prompt,
-                 max_rows=max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world)))
+    cache = dict(max_prompt_len=max_prompt, max_rows=engine_rows(cfg, world))
     # the frozen initial policy for the KL, bf16 on a GPU; sharded like the policy when there are several ranks
-    ref = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_coef else None
-    ref = ref and ref.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if world > 1:
-        policy, ref = shard(policy, device), ref and shard(ref, device)
-    else:
-        policy, ref = policy.to(device), ref and ref.to(device)
+    ref = None
+    if cfg.kl_coef:
+        ref = copy.deepcopy(policy).requires_grad_(False).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ref = shard(ref, device) if world > 1 else ref.to(device)
+    policy = shard(policy, device) if world > 1 else policy.to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     drafter = trainer = bandit = None
     if cfg.sd == "on":
@@ -541,9 +547,7 @@ def train(cfg, rank=0, world=1, log=print):
             trainer.train_until_all_done(step)  # this rank is done: keep training until every rank is
             trainer.top_up(step, cfg.drafter_min_steps)  # ends with the trainer stopped
         idle_end = time.perf_counter() - t0
-        texts = [tok.decode(o, skip_special_tokens=True) for o in outputs]
-        rewards = rl.rollout_rewards(outputs, texts, [r["answer"] for _, r in samples], tok.eos_token_id,
-                                     cfg.max_new_tokens)  # truncated responses score 0
+        rewards = score(cfg, tok, outputs, samples)
         adv = rl.group_advantages(rewards, cfg.group_size)
         masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
         if "engine" in freed:  # the update does not fit beside the engine's cache and graphs
@@ -570,20 +574,21 @@ def train(cfg, rank=0, world=1, log=print):
         flat = rewards.view(-1, cfg.group_size)
         sums = all_reduce_dict(dict(reward=rewards.sum().item(), correct=(rewards == 1).sum().item(), rows=len(lens),
                                     len=sum(lens), sd_tokens=rs["sd_tokens"], sd_rows=rs["sd_rows"],
-                                    tokens=rs["tokens"], truncated=sum(truncated), groups=len(flat),
-                                    zero_std=(flat == flat[:, :1]).all(1).sum().item(), drafter_steps=n_train,
+                                    tokens=rs["tokens"], truncated=sum(truncated),
+                                    zero_std=(flat == flat[:, :1]).all(1).sum().item(),
                                     drafter_loss=tstats.get("loss", 0.0) * n_train, **drafter_stats), device)
+        train_steps = sums["drafter_tail_steps"] + sums["drafter_idle_steps"] + sums["drafter_topup_steps"]
         maxs = all_reduce_dict(dict(len=max(lens), rollout_s=rollout_end, tail_s=rs["tail_s"], update_s=update_s,
                                     drafter_s=idle_end - rollout_end), device, dist.ReduceOp.MAX)
         rec = dict(step=step, reward_mean=sums["reward"] / sums["rows"], accuracy=sums["correct"] / sums["rows"],
-                   frac_reward_zero_std=sums["zero_std"] / sums["groups"],  # groups with no learning signal
+                   frac_reward_zero_std=sums["zero_std"] * cfg.group_size / sums["rows"],  # groups with no signal
                    response_len_mean=sums["len"] / sums["rows"], response_len_max=int(maxs["len"]), **um,
                    rollout_s=maxs["rollout_s"], tail_s=maxs["tail_s"], drafter_s=maxs["drafter_s"],
                    update_s=maxs["update_s"], step_s=time.perf_counter() - t0,
                    sd_accept_len=sums["sd_tokens"] / max(1, sums["sd_rows"]),
-                   sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(sums["drafter_steps"]),
+                   sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(train_steps),
                    **{k: int(sums[k]) for k in ("drafter_tail_steps", "drafter_idle_steps", "drafter_topup_steps")},
-                   drafter_loss=sums["drafter_loss"] / max(1, sums["drafter_steps"]),  # per step, over the ranks' steps
+                   drafter_loss=sums["drafter_loss"] / max(1, train_steps),  # per step, over the ranks' steps
                    # per-rank means; stop_wait_s: the rollout waiting for a running drafter step to end
                    **{k: sums[k] / world for k in ("drafter_train_s", "drafter_stop_wait_s")},
                    tokens=int(sums["tokens"]), truncated=int(sums["truncated"]),
@@ -615,7 +620,17 @@ def train(cfg, rank=0, world=1, log=print):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# --bench: the same steps with SD off and on, and the rollout timeline picture
+# what a run shows: an experiment tracker, curves.png
+
+
+def pyplot():  # matplotlib is optional: None without it
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def make_tracker(cfg):
@@ -643,12 +658,9 @@ def make_tracker(cfg):
 def plot_curves(metrics_path, path):
     """The run at a glance: rewards and accuracies, response lengths, acceptance lengths, and each step's time
     split into the bulk of the rollout, its tail, the drafter's training after it and the policy update."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None  # matplotlib is optional
+    plt = pyplot()
+    if plt is None:
+        return None
     recs = [json.loads(line) for line in open(metrics_path)]
     steps = [r for r in recs if "reward_mean" in r]
     evals = [r for r in recs if "eval_accuracy" in r]
@@ -660,9 +672,10 @@ def plot_curves(metrics_path, path):
     reward = col(steps, "reward_mean")
     ax[0, 0].plot(x, reward, label="reward (train samples)", alpha=0.35, color="C0")
     w = 10  # the trend: a trailing mean over w steps
-    ax[0, 0].plot(x, [sum(reward[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(x))],
-                  color="C0", label=f"reward, mean of the last {w} steps")
-    for k, label, c in (("eval_accuracy", "eval accuracy (greedy)", "C1"), ("eval_pass@1", "eval pass@1 (sampled)", "C2")):
+    ax[0, 0].plot(x, [statistics.fmean(reward[max(0, i - w + 1):i + 1]) for i in range(len(x))], color="C0",
+                  label=f"reward, mean of the last {w} steps")
+    for k, label, c in (("eval_accuracy", "eval accuracy (greedy)", "C1"),
+                        ("eval_pass@1", "eval pass@1 (sampled)", "C2")):
         if evals and k in evals[0]:
             ax[0, 0].plot([r["step"] for r in evals], col(evals, k), "o-", label=label, color=c)
     ax[0, 0].set_title("reward and accuracy")
@@ -690,15 +703,16 @@ def plot_curves(metrics_path, path):
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --bench: the same steps with SD off and on, and the rollout timeline picture
+
+
 def plot_timeline(runs, path):
     """Active rows over time on each rank for one step, SD off above SD on; shaded: steps that drafted; bars:
     when the drafter trained (in the tail, or after this rank's rollout)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None  # matplotlib is optional
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.6 * len(runs)), sharex=True, squeeze=False)
     for ax, (name, timelines) in zip(axes[:, 0], runs.items()):
         for rank, tl in enumerate(timelines):
@@ -826,8 +840,8 @@ def plan_memory(cfg, world, a, gpu_gib=79.6):
     are per rank. On a GPU: bf16 compute, fp32 master weights, gradients and AdamW moments."""
     b, W = 2, world
     block, root, P = n_params(a)
-    rows = max(cfg.prompts_per_step // W * cfg.group_size, -(-cfg.eval_prompts // W)) + 1  # + the dummy slot
-    L = cfg.max_prompt_len + cfg.max_new_tokens + 82  # + what one step may write past a row's length
+    rows = engine_rows(cfg, W) + 1  # + the dummy slot
+    L = cfg.max_prompt_len + cfg.max_new_tokens + cache_slack()  # + what one step may write past a row's length
     kv_row = 2 * a.n_kv_heads * L * a.head_dim * b  # K and V of one row in one layer
     Pd = 2 * a.dim ** 2 + block  # the drafter: fc and one block
     c = min(cfg.drafter_tokens, 2 ** 27 // a.vocab_size)  # its soft cross-entropy's chunk
@@ -850,18 +864,18 @@ def plan_memory(cfg, world, a, gpu_gib=79.6):
         parts["fsdp_gathered"] + parts["update_activations"], parts["optimizer_step"])
     budget = (gpu_gib - 2.5) * GiB  # CUDA context, allocator fragmentation
     # what the update can do without, freed before it and rebuilt after: first the engine, then the inference copy
-    engine_bytes, release = sum(parts[k] for k in engine), []
+    engine_bytes, freed = sum(parts[k] for k in engine), []
     if update + engine_bytes <= budget:
         update += engine_bytes
     else:
-        release.append("engine")
+        freed.append("engine")
         if update > budget:
-            release.append("inference_copy")
+            freed.append("inference_copy")
             update -= parts["inference_copy"]
     peak = max(rollout, update)
     return dict(model_params_b=round(P / 1e9, 3), world=W, rows_per_rank=rows - 1, cache_len=L,
                 rollout_peak_gb=round(rollout / GiB, 2), update_peak_gb=round(update / GiB, 2),
-                peak_gb=round(peak / GiB, 2), gpu_gb=gpu_gib, fits=peak <= budget, release_for_update=release,
+                peak_gb=round(peak / GiB, 2), gpu_gb=gpu_gib, fits=peak <= budget, release_for_update=freed,
                 parts_gb={k: round(v / GiB, 2) for k, v in parts.items()})
 
 
