@@ -166,21 +166,45 @@ def dense_mask(cache_lens, tree_mask, T, L):
     return (j < 0)[:, None, :] | ((j < T)[:, None, :] & new_vis)
 
 
-def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None, max_len=None):
-    """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, softmax in fp32. Also the
-    CPU path of the engine, so it avoids copies: the G query heads of a KV head are one matmul. It attends over
-    the first `max_len` cache positions; by default max(cache_lens) + T, nothing later is visible (a host sync)."""
+def cache_index(shape, slots, cache_lens, T):
+    """Rows of a cache [S, H, L, D] seen as [S * H * L, D] where new K/V [B, H, T, D] go: row b's token t at
+    position cache_lens[b] + t of slot slots[b]. [B * H * T] int64."""
+    S, H, L, _ = shape
+    pos = cache_lens[:, None, None].long() + torch.arange(T, device=slots.device)  # [B, 1, T]
+    return ((slots[:, None, None].long() * H + torch.arange(H, device=slots.device)[:, None]) * L + pos).flatten()
+
+
+def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None, max_len=None,
+                       memo=None):
+    """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, attention in fp32. Also the
+    CPU path of the engine, so it is lean: one copy of each row's K/V, fused SDPA with the GQA heads mapped, not
+    repeated, and the mask built once per forward (`memo`, a dict the layers share). It attends over the first
+    `max_len` cache positions; by default max(cache_lens) + T, nothing later is visible (a host read)."""
     B, Hq, T, D = q.shape
-    Hkv = k_cache.shape[1]
-    L = min(k_cache.shape[2], int(cache_lens.max()) + T if max_len is None else max_len)
-    k = k_cache[slots.long(), :, :L].float()  # [B, Hkv, L, D], a fresh copy
-    v = v_cache[slots.long(), :, :L].float()
-    mask = dense_mask(cache_lens, tree_mask, T, L)  # [B, T, L]
-    v.masked_fill_(~mask.any(1)[:, None, :, None], 0.0)  # unused cache may hold NaN, and 0 * NaN = NaN
-    s = q.float().reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)  # [B, Hkv, G*T, L], head h -> KV head h // G
-    s = s * (sm_scale if sm_scale is not None else D ** -0.5)
-    p = s.view(B, Hkv, -1, T, L).masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # [B, Hkv, G, T, L]
-    return (p.view(B, Hkv, -1, L) @ v).view(B, Hq, T, D).to(q.dtype)
+    memo = {} if memo is None else memo
+    if "bias" not in memo:
+        if max_len is None:
+            lo, hi = cache_lens.aminmax()
+            lo, L = int(lo) + T, min(k_cache.shape[2], int(hi) + T)  # positions < lo: every row wrote them
+        else:
+            lo, L = 0, max_len
+        if tree_mask is None:  # causal: query i sees positions < cache_len + i + 1
+            last = cache_lens[:, None, None] + torch.arange(T, device=q.device)[:, None]  # [B, T, 1]
+            mask = torch.arange(L, device=q.device) <= last  # [B, T, L]
+        else:
+            mask = dense_mask(cache_lens, tree_mask, T, L)
+        memo["bias"] = torch.zeros(B, 1, T, L, device=q.device).masked_fill_(~mask[:, None], -math.inf)  # SDPA adds it
+        # a shorter row's unused cache may hold NaN: NaN - inf = NaN and 0 * NaN = NaN, so it is zeroed in the copy
+        memo["unseen"] = (lo, ~mask[..., lo:].any(1)[:, None, :, None]) if lo < L else None  # [B, 1, L - lo, 1]
+    L = memo["bias"].shape[-1]
+    k = k_cache[:, :, :L].index_select(0, slots)  # [B, Hkv, L, D], a copy
+    v = v_cache[:, :, :L].index_select(0, slots)
+    if memo["unseen"] is not None:
+        lo, unseen = memo["unseen"]
+        k[:, :, lo:].masked_fill_(unseen, 0.0), v[:, :, lo:].masked_fill_(unseen, 0.0)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=memo["bias"], scale=sm_scale,
+                                         enable_gqa=True)
+    return out.to(q.dtype)  # [B, Hq, T, D]
 
 
 def compact_kv(k_cache, v_cache, slots, cache_lens, accept_idx, accept_len):

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -107,11 +107,13 @@ def set_rng_state(state, rng=random):
 @dataclass
 class Ctx:
     """What one forward call needs besides the tokens. Plain training: `mask` (None = causal, or a dense bool
-    [B, 1, T, T] for packed samples). Static cache: the rows' `slots` and `cache_lens` [B], optional `tree_mask`."""
+    [B, 1, T, T] for packed samples). Static cache: the rows' `slots` and `cache_lens` [B], optional `tree_mask`;
+    `memo` holds what all layers of the call share (where K/V go, the CPU path's mask), built by the first."""
     slots: torch.Tensor | None = None
     cache_lens: torch.Tensor | None = None
     tree_mask: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    memo: dict = field(default_factory=dict)
 
 
 class RMSNorm(nn.Module):
@@ -146,12 +148,15 @@ class Attention(nn.Module):
                 k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for t in (k, v))  # [B, Hq, T, D]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:  # write the new K/V at cache_lens .. cache_lens+T-1 of each row's slot, then attend over the slot
-            pos = ctx.cache_lens[:, None] + torch.arange(T, device=x.device)  # [B, T]
-            self.k_cache[ctx.slots[:, None], :, pos] = k.transpose(1, 2).to(self.k_cache.dtype)
-            self.v_cache[ctx.slots[:, None], :, pos] = v.transpose(1, 2).to(self.v_cache.dtype)
-            use_triton = x.is_cuda if USE_TRITON is None else USE_TRITON
-            attend = kernels.tree_attention if use_triton else kernels.tree_attention_ref
-            out = attend(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
+            if "at" not in ctx.memo:
+                ctx.memo["at"] = kernels.cache_index(self.k_cache.shape, ctx.slots, ctx.cache_lens, T)
+            for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+                cache.view(-1, self.head_dim).index_copy_(0, ctx.memo["at"], new.reshape(-1, self.head_dim).to(cache.dtype))
+            if x.is_cuda if USE_TRITON is None else USE_TRITON:
+                out = kernels.tree_attention(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
+            else:
+                out = kernels.tree_attention_ref(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens,
+                                                 ctx.tree_mask, memo=ctx.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -343,38 +344,46 @@ def bucket(rows):
 
 
 class Bandit:
-    """Arms are tree shapes; reward is committed tokens per second of draft + verify time. Untried arms come
-    first, then epsilon-greedy on the median of a sliding window (robust to a slow outlier step). A memory
-    guard drops arms whose verify_tokens x rows exceeds the budget. Unlike TLT's default of one arm per
-    bucket, every bucket has several arms, so it does explore. Exploring is not free: a random arm may be a deep
-    tree that costs several steps, and with eps 0.1 the tiny preset's tail ran 1.5x slower than with eps 0.02."""
+    """Arms are tree shapes; reward is committed tokens per second of draft + verify time. Each arm is tried once
+    per bucket, then the best median of a sliding window (robust to a slow outlier step) is played, except while
+    exploring: a random arm, only as long as exploring has taken under `eps` of the bandit's time. Counting
+    seconds rather than steps matters: a random arm may be a deep tree that costs several plain steps, so
+    eps-greedy at 2% of steps cost the tiny preset's tail 6-9%; this costs at most eps of it after the first
+    tries. A memory guard drops arms whose verify_tokens x rows exceeds the budget. Unlike TLT's default of one
+    arm per bucket, every bucket has several arms, plain decoding among them: where drafting does not pay, the
+    bandit keeps decoding plainly."""
 
     def __init__(self, arms=DEFAULT_ARMS, eps=0.02, window=16, token_budget=4096, seed=0):
         self.arms, self.eps, self.window, self.budget = list(arms), eps, window, token_budget
         self.rewards, self.rng = {}, random.Random(seed)
+        self.seconds, self.explore_s, self.exploring = 0.0, 0.0, False
 
     def choose(self, rows):
         b = bucket(rows)
         ok = [a for a in self.arms if a.verify_tokens * b <= self.budget]
         ok = ok or [min(self.arms, key=lambda a: a.verify_tokens)]  # the memory guard keeps at least one arm
         untried = [a for a in ok if not self.rewards.get((b, a))]
+        self.exploring = bool(untried) or self.explore_s < self.eps * self.seconds
         if untried:
             return untried[0]
-        if self.rng.random() < self.eps:
+        if self.exploring:
             return self.rng.choice(ok)
         return max(ok, key=lambda a: statistics.median(self.rewards[b, a]))
 
-    def update(self, rows, arm, reward):
+    def update(self, rows, arm, tokens, seconds):
         r = self.rewards.setdefault((bucket(rows), arm), [])
-        r.append(reward)
+        r.append(tokens / seconds)
         del r[:-self.window]
+        self.seconds += seconds
+        self.explore_s += seconds if self.exploring else 0.0
 
     def state_dict(self):  # plain lists (a checkpoint loads without unpickling objects)
         return dict(rewards=[[b, list(dataclasses.astuple(a)), r] for (b, a), r in self.rewards.items()],
-                    rng=nanotlt.rng_state(self.rng))
+                    rng=nanotlt.rng_state(self.rng), seconds=[self.seconds, self.explore_s])
 
     def load_state_dict(self, state):
         self.rewards = {(b, Arm(*a)): list(r) for b, a, r in state["rewards"]}
+        self.seconds, self.explore_s = state["seconds"]
         nanotlt.set_rng_state(state["rng"], self.rng)
 
     def best(self):  # {bucket: best arm so far}, for the stats
@@ -736,7 +745,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
                 stats["one_off_steps"] += 1  # a capture, a first run or a long catch-up: not the arm's speed
                 stats["one_off_s"] += dt
             elif arm is not None:
-                bandit.update(B, arm, gained / dt)
+                bandit.update(B, arm, gained, dt)
             if use_sd:
                 stats.update(verify_steps=stats["verify_steps"] + 1, sd_rows=stats["sd_rows"] + B,
                              sd_tokens=stats["sd_tokens"] + gained)
@@ -764,6 +773,38 @@ BENCH_PROMPTS = ("Explain how a rainbow forms.", "Why is the sky blue?", "Write 
                  "Summarise the rules of chess.", "How do vaccines work?")  # for models other than the tiny one
 
 
+def vs_transformers(model, path, prompts, new_tokens, batches, eos_id, reps=5):
+    """Plain greedy decoding against transformers' `generate` (its dynamic cache and SDPA) on the same prompts,
+    cut to one length so that neither pads, alternating runs; returns the median of the per-pair time ratios
+    (a shared CPU's speed drifts by 10% and more between runs). Both make exactly `new_tokens` (ours ignores eos,
+    transformers is kept from it), so the tokens are compared up to the first eos."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(nanotlt.resolve(path), dtype=model.embed_tokens.weight.dtype).eval()
+    hf.to(model.inv_freq.device)
+    P, rows = min(map(len, prompts)), []
+    cut = lambda o: o[:o.index(eos_id)] if eos_id in o else o  # noqa: E731
+    for b in batches:
+        ps = [prompts[i % len(prompts)][-P:] for i in range(b)]
+        ids = torch.tensor(ps, device=model.inv_freq.device)
+        ratios, ours_s, hf_s = [], [], []
+        for _ in range(reps + 1):  # the first pair warms both up
+            t0 = time.perf_counter()
+            out, _ = generate(model, ps, new_tokens)  # greedy, no eos: both make exactly new_tokens
+            ours_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, P:].tolist()
+            hf_s.append(time.perf_counter() - t0)
+            ratios.append(hf_s[-1] / ours_s[-1])
+        rows.append(dict(batch=b, ours_tok_s=round(b * new_tokens / statistics.median(ours_s[1:]), 1),
+                         transformers_tok_s=round(b * new_tokens / statistics.median(hf_s[1:]), 1),
+                         speedup=round(statistics.median(ratios[1:]), 3), ratios=[round(r, 3) for r in ratios[1:]],
+                         identical=all(cut(o) == r[:len(cut(o))] for o, r in zip(out, ref))))
+        print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()))
+    return rows
+
+
 def bench():
     ap = argparse.ArgumentParser(description="plain decoding vs speculative decoding, same prompts and seed")
     ap.add_argument("--bench", action="store_true")
@@ -776,7 +817,11 @@ def bench():
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--no_graphs", action="store_true", help="CUDA: eager instead of CUDA graphs")
     ap.add_argument("--fixed_tree", action="store_true", help="also SD with one fixed tree (6/4/16; n-gram 3/1/4)")
+    ap.add_argument("--vs_transformers", action="store_true", help="instead: plain greedy decoding against "
+                    "transformers' generate on the same prompts (needs --model)")
     args, cuda = ap.parse_args(), torch.cuda.is_available()
+    if args.vs_transformers and not args.model:
+        raise ValueError("--vs_transformers needs --model (a checkpoint transformers can load, or smollm2)")
     dev = "cuda" if cuda else "cpu"
     if args.model:
         model = nanotlt.Transformer.from_pretrained(args.model, dev, torch.bfloat16 if cuda else torch.float32)
@@ -790,9 +835,15 @@ def bench():
     drafter = args.drafter if args.drafter == "ngram" else nanotlt.Drafter.load(args.drafter, model).eval()
     learned, rows, new_tokens = drafter != "ngram", [], args.new_tokens or (512 if cuda else 128)
     name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    batches = list(map(int, (args.batch or ("1,4,16,32,64" if cuda else "1,4,16,64")).split(",")))
+    if args.vs_transformers:
+        print(json.dumps(dict(device=name, model=args.model, new_tokens=new_tokens,
+                              results=vs_transformers(model, args.model, prompts, new_tokens, batches,
+                                                       tok.eos_token_id))))
+        return
     print(f"{name}: {args.model or 'tiny preset'}, {'learned' if learned else 'n-gram'} drafter, "
           f"temperature {args.temperature}, top_p {args.top_p}, {new_tokens} new tokens")
-    for b in map(int, (args.batch or ("1,4,16,32,64" if cuda else "1,4,16,64")).split(",")):
+    for b in batches:
         ps = [prompts[i % len(prompts)] for i in range(b)]
         kw = dict(temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_token_id,
                   cuda_graphs=not args.no_graphs)
@@ -824,4 +875,8 @@ def bench():
 
 
 if __name__ == "__main__":
-    bench()
+    try:
+        bench()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -830,7 +830,7 @@ def test_bandit_settles_on_the_best_arm_per_bucket():
     for it in range(300):
         for b, means in table.items():
             arm = bandit.choose(b)
-            bandit.update(b, arm, means[arms.index(arm)] * rng.uniform(0.7, 1.3))
+            bandit.update(b, arm, means[arms.index(arm)] * rng.uniform(0.7, 1.3), 1.0)
             picks[b].append(arms.index(arm))
     best = {1: 1, 16: 2, 128: 3}
     for b, i in best.items():
@@ -841,11 +841,32 @@ def test_bandit_settles_on_the_best_arm_per_bucket():
     assert set(picks[1][:4]) == {0, 1, 2, 3}  # untried arms first
 
 
+def test_bandit_explores_within_its_time_budget():
+    """After each arm's first try, exploring takes at most eps of the bandit's time, however slow the explored
+    arms are: here a deep tree makes fewer tokens per second in 10x a plain step's time. Time spent away from
+    the best arm (plain) is the budget plus at most one step, where eps-greedy on steps would spend ~10%."""
+    arms = [sd.Arm("plain", 0, 1, 1), sd.Arm("model", 8, 4, 48), sd.Arm("ngram", 6, 1, 7)]
+    cost = {arms[0]: (10, 1.0), arms[1]: (25, 10.0), arms[2]: (12, 1.5)}  # tokens, seconds per step
+    bandit, gen = sd.Bandit(arms, eps=0.02, seed=0), random.Random(0)
+    first = sum(s for _, s in cost.values())  # one try of each arm
+    away = 0.0
+    for _ in range(5000):
+        arm = bandit.choose(4)
+        tokens, seconds = cost[arm]
+        seconds *= gen.uniform(0.9, 1.1)
+        bandit.update(4, arm, tokens, seconds)
+        away += seconds if arm != arms[0] else 0.0
+    total = bandit.seconds
+    assert away - first * 1.1 <= 0.02 * total + 11.0
+    assert away - first * 1.1 > 0  # it does explore
+    assert bandit.best()[4] == ("plain", 0, 1, 1)
+
+
 def test_bandit_state_round_trips():
     """The bandit's statistics and random state survive a checkpoint (plain lists): the same choices after."""
     a, b = sd.Bandit(seed=1), sd.Bandit(seed=2)
     for i in range(40):
-        a.update(1 + i % 5, a.choose(1 + i % 5), float(i % 7))
+        a.update(1 + i % 5, a.choose(1 + i % 5), float(i % 7), 1.0 + i % 3)
     b.load_state_dict(torch.load(io.BytesIO(_saved(a.state_dict())), weights_only=True))
     assert b.rewards == a.rewards and [a.choose(r) for r in range(1, 40)] == [b.choose(r) for r in range(1, 40)]
 
@@ -1026,7 +1047,7 @@ def test_bandit_learns_from_real_steps_only(tiny, trained_drafter, monkeypatch):
                                                          catch(*a, **k))[2])  # 10 s the first time, then less
     bandit, rewards = sd.Bandit(sd.default_arms(True)), []
     update = bandit.update
-    bandit.update = lambda rows, arm, r: (rewards.append(r), update(rows, arm, r))
+    bandit.update = lambda rows, arm, n, s: (rewards.append(n / s), update(rows, arm, n, s))
     _, stats = sd.generate(tiny.model, tiny.test[:16], 96, eos_id=tiny.tok.eos_token_id,
                            drafter=trained_drafter.drafter, sd_threshold=8, bandit=bandit)
     tail_steps = sum(1 for _, B, _ in stats["timeline"] if B <= 8)
