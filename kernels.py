@@ -196,9 +196,15 @@ def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, s
         memo["bias"] = torch.zeros(B, 1, T, L, device=q.device).masked_fill_(~mask[:, None], -math.inf)  # SDPA adds it
         # a shorter row's unused cache may hold NaN: NaN - inf = NaN and 0 * NaN = NaN, so it is zeroed in the copy
         memo["unseen"] = (lo, ~mask[..., lo:].any(1)[:, None, :, None]) if lo < L else None  # [B, 1, L - lo, 1]
-    L = memo["bias"].shape[-1]
-    k = k_cache[:, :, :L].index_select(0, slots)  # [B, Hkv, L, D], a copy
-    v = v_cache[:, :, :L].index_select(0, slots)
+        # rows in consecutive slots (a batch before any row finished) are read in place, without a copy
+        first = int(slots[0]) if max_len is None and torch.equal(slots, slots[0] + torch.arange(B, device=slots.device)) else None
+        memo["first"] = first
+    L, first = memo["bias"].shape[-1], memo["first"]
+    if first is None:
+        k = k_cache[:, :, :L].index_select(0, slots)  # [B, Hkv, L, D], a copy
+        v = v_cache[:, :, :L].index_select(0, slots)
+    else:  # views: zeroing a row's unused positions below changes nothing it reads, it writes them before that
+        k, v = k_cache[first:first + B, :, :L], v_cache[first:first + B, :, :L]
     if memo["unseen"] is not None:
         lo, unseen = memo["unseen"]
         k[:, :, lo:].masked_fill_(unseen, 0.0), v[:, :, lo:].masked_fill_(unseen, 0.0)

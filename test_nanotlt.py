@@ -1880,6 +1880,17 @@ def test_rl_steps_learn_something(tiny_cache, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the update moved the policy
 
 
+def test_bench_interleaves_sd_off_and_on(tiny_cache, tmp_path):
+    """--bench runs SD off and SD on step by step, which one goes first alternating, so that a machine whose speed
+    drifts slows both alike; both make the same rollouts."""
+    cfg, _ = train.parse_args(SMALL + ["--out", str(tmp_path), "--steps", "3", "--bench"])
+    logs = []
+    r = train.bench(cfg, 0, 1, logs.append)
+    order = [(m.split()[1][:-1], int(m.split()[3])) for m in logs if m.startswith("[sd") and m.split()[2] == "step"]
+    assert order == [("off", 0), ("on", 0), ("on", 1), ("off", 1), ("off", 2), ("on", 2)]
+    assert r["identical_rollouts"] and [s["step"] for s in r["steps"]] == [0, 1, 2]
+
+
 def test_resume_continues_exactly(tiny_cache, tmp_path):
     """With 2 updates per rollout and a KL term: resuming restores, bit for bit, the policy, its AdamW moments,
     the drafter, its optimizer and data sampler, the bandit and the RNGs as they were when the checkpoint was

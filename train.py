@@ -474,6 +474,13 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
 def train(cfg, rank=0, world=1, log=print):
     """Run cfg.steps RL steps. Returns the metrics of each step (`history`, with the rollout timelines of every
     rank), the `policy` (sharded with several ranks), the serving `drafter`, its `trainer` and the policy's `opt`."""
+    for run in training(cfg, rank, world, log):
+        pass
+    return run
+
+
+def training(cfg, rank=0, world=1, log=print):
+    """train() one step at a time: yields what train() returns after each step (--bench interleaves two runs)."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -528,6 +535,7 @@ def train(cfg, rank=0, world=1, log=print):
         if not cfg.resume:  # a new run: a later --resume must not pick up an older run's checkpoint
             shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
     history, tracker = [], make_tracker(cfg) if rank == 0 else None
+    run = types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt, bandit=bandit)
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
         evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device, cache) if cfg.eval_every and (
@@ -613,10 +621,11 @@ def train(cfg, rank=0, world=1, log=print):
                 + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
             save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world)
+        if step < cfg.steps - 1:
+            yield run
     if rank == 0:
         plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
-    return types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt,
-                                 bandit=bandit)
+    yield run
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -740,12 +749,16 @@ def plot_timeline(runs, path):
 
 
 def bench(cfg, rank, world, log):
-    runs = {}
-    for sd in ("off", "on"):
-        c = dataclasses.replace(cfg, sd=sd, out=os.path.join(cfg.out, f"bench_sd_{sd}"), save_every=0, eval_every=0,
-                                resume=False)
-        runs[sd] = train(c, rank, world, log=lambda msg, sd=sd: log(f"[sd {sd}] {msg}")).history
-    off, on = runs["off"], runs["on"]
+    """The same steps with SD off and on, two runs interleaved step by step (the order alternating), so that a
+    shared machine's drift in speed hits both alike."""
+    runs = {sd: training(dataclasses.replace(cfg, sd=sd, out=os.path.join(cfg.out, f"bench_sd_{sd}"), save_every=0,
+                                             eval_every=0, resume=False),
+                         rank, world, log=lambda msg, sd=sd: log(f"[sd {sd}] {msg}")) for sd in ("off", "on")}
+    last = {}
+    for i in range(max(1, cfg.steps)):  # each run yields once per step
+        for sd in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            last[sd] = next(runs[sd])
+    off, on = last["off"].history, last["on"].history
     rows = []
     for a, b in zip(off, on):
         rows.append(dict(step=a["step"], rollout_s_off=round(a["rollout_s"], 3), rollout_s_on=round(b["rollout_s"], 3),
