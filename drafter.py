@@ -60,8 +60,8 @@ def drafter_loss(drafter, tokens, hidden, loss_mask, positions=None, attn_mask=N
                  ce_tokens=None, generator=None):
     """tokens [B, N], hidden [B, N, H] (the target's feature f_t at token t), loss_mask [B, N] (x_t is a response
     token), positions [B, N], attn_mask [B, 1, N, N] bool (None: causal). The pair (x_{t+1}, f_t) at position t
-    predicts f_{t+1}. Packed, the pair straddling two samples predicts the next one's first token (a prompt
-    token: no loss) and is last in its block (nobody attends to it), so packing changes nothing.
+    predicts f_{t+1}. Packed, the pair straddling two samples predicts the next one's first token (which
+    DraftBuffer.batch gives no loss) and is last in its block (nobody attends to it), so packing changes nothing.
     EAGLE's loss: SmoothL1(f_pred, f) + ce_weight x soft cross-entropy against the target's softmax, with
     `noise` = (kind, scale) added to the input features (see add_noise). The cross-entropy runs the LM head
     over the vocabulary twice per token, most of a step on a CPU: `ce_tokens` takes it on that many random
@@ -118,34 +118,48 @@ class DraftBuffer:
                 if not self.steps[first]:
                     del self.steps[first]
 
-    def batch(self, step, max_tokens, rng, device="cpu", min_window=16):
+    def batch(self, step, max_tokens, rng, device="cpu", min_window=16, row_tokens=512):
         """Samples of step-1 (the last rollout's complete sequences, the long ones included) and of step
-        (finished in this rollout) in random order, packed into one sequence of at most max_tokens. A sample
-        longer than the room left gives a random window of it (at least `min_window` tokens, at least one
-        response token) that keeps its true positions: the far end of a long response is learned as often
-        as its start. Returns drafter_loss's keyword arguments, or None."""
+        (finished in this rollout) in random order, packed into rows of at most `row_tokens` (attention then
+        costs tokens x row_tokens, not tokens^2), at most max_tokens in all. A sample longer than the room left
+        in a row gives a random window of it (at least `min_window` tokens, at least one response token) that
+        keeps its true positions: the far end of a long response is learned as often as its start. A packed
+        sample's first token has no loss: the pair that predicts it straddles two samples. Returns
+        drafter_loss's keyword arguments ([R, N]: rows padded to the longest), or None."""
         with self.lock:
             pool = [s for k in (step - 1, step) for s in self.steps.get(k, {}).values()]
         rng.shuffle(pool)
-        parts, total = [], 0
-        for tok, h, n_prompt in pool:
-            n = min(len(tok), max_tokens - total)
-            if n < min(len(tok), min_window):
-                continue
-            lo = rng.randint(max(0, n_prompt + 1 - n), len(tok) - n)  # the window ends past the prompt
-            parts.append((tok[lo:lo + n], h[lo:lo + n], n_prompt, lo))
-            total += n
-        if not parts:
+        W, rows = min(row_tokens, max_tokens), []
+        for _ in range(max(1, max_tokens // W)):
+            parts, total, rest = [], 0, []
+            for sample in pool:
+                tok, h, n_prompt = sample
+                n = min(len(tok), W - total)
+                if n < min(len(tok), min_window):  # no room in this row: maybe in the next
+                    rest.append(sample)
+                    continue
+                lo = rng.randint(max(0, n_prompt + 1 - n), len(tok) - n)  # the window ends past the prompt
+                parts.append((tok[lo:lo + n], h[lo:lo + n], n_prompt, lo))
+                total += n
+            pool = rest
+            rows += [parts] if parts else []
+        if not rows:
             return None
-        seg = torch.cat([torch.full((len(t),), i) for i, (t, *_) in enumerate(parts)]).to(device)  # [N]
-        pos = torch.cat([torch.arange(lo, lo + len(t)) for t, _, _, lo in parts]).to(device)  # [N] true positions
-        n_prompt = torch.tensor([p for _, _, p, _ in parts], device=device)[seg]  # [N]
-        hidden = torch.cat([h for _, h, _, _ in parts])  # [N, H]
+        R, N, H = len(rows), max(sum(len(t) for t, *_ in parts) for parts in rows), rows[0][0][1].shape[1]
+        tokens, pos = torch.zeros(R, N, dtype=torch.long), torch.zeros(R, N, dtype=torch.long)  # [R, N]
+        seg, loss_mask = torch.full((R, N), -1), torch.zeros(R, N, dtype=torch.bool)  # padding: segment -1
+        hidden = torch.zeros(R, N, H, dtype=rows[0][0][1].dtype)  # [R, N, H]
+        for r, parts in enumerate(rows):
+            i = 0
+            for k, (t, h, n_prompt, lo) in enumerate(parts):
+                tokens[r, i:i + len(t)], hidden[r, i:i + len(t)], seg[r, i:i + len(t)] = t, h, k
+                pos[r, i:i + len(t)] = torch.arange(lo, lo + len(t))  # true positions
+                loss_mask[r, i + 1:i + len(t)] = pos[r, i + 1:i + len(t)] >= n_prompt
+                i += len(t)
+        attn = (seg[:, :, None] == seg[:, None, :]) & (pos[:, :, None] >= pos[:, None, :])  # [R, N, N]
         hidden = hidden.pin_memory() if self.pin else hidden
-        attn = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])  # [N, N] block-diagonal causal
-        return dict(tokens=torch.cat([t for t, *_ in parts]).to(device)[None], positions=pos[None],
-                    hidden=hidden.to(device, non_blocking=True)[None], loss_mask=(pos >= n_prompt)[None],
-                    attn_mask=attn[None, None])
+        return dict(tokens=tokens.to(device), positions=pos.to(device), loss_mask=loss_mask.to(device),
+                    hidden=hidden.to(device, non_blocking=True), attn_mask=attn.to(device)[:, None])
 
 
 class SpotTrainer:

@@ -1204,7 +1204,10 @@ def fill(trainer, step, n, seed, n_prompt=4):
         trainer.buffer.add(step, torch.randint(2, 16, (L,), generator=g), torch.randn(L, 128, generator=g), n_prompt)
 
 
-def test_packed_loss_equals_sum_of_samples():
+@pytest.mark.parametrize("row_tokens", [512, 20])
+def test_packed_loss_equals_sum_of_samples(row_tokens):
+    """One packed row, or several rows of at most 20 tokens: the loss and its gradients are those of the samples
+    one by one."""
     target = random_target()
     drafter = Drafter.from_target(target)
     buf, g = DraftBuffer(), torch.Generator().manual_seed(1)
@@ -1214,9 +1217,12 @@ def test_packed_loss_equals_sum_of_samples():
         samples.append((tok, h, P))
         buf.add(0 if L % 2 else 1, tok, h if L != 9 else h[:-1], P)  # on_finish's hidden lacks the last token
     samples[0] = (samples[0][0][:-1], samples[0][1][:-1], 3)
-    b = buf.batch(1, 10_000, random.Random(0))
-    N = b["tokens"].shape[1]
-    assert N == sum(len(t) for t, _, _ in samples) and b["attn_mask"].shape == (1, 1, N, N)
+    b = buf.batch(1, 10_000, random.Random(0), min_window=100, row_tokens=row_tokens)  # whole samples only
+    R, N = b["tokens"].shape
+    if row_tokens == 512:
+        assert R == 1 and N == sum(len(t) for t, _, _ in samples) and b["attn_mask"].shape == (1, 1, N, N)
+    else:
+        assert R > 1 and N <= 20 and b["attn_mask"].shape == (R, 1, N, N)
     packed, n_packed = drafter_loss(drafter, **b)
     packed.backward()
     g_packed = [p.grad.clone() for p in drafter.parameters()]
@@ -1513,9 +1519,13 @@ def test_buffer_windows_cover_long_responses_at_true_positions():
     for _ in range(200):
         b = buf.batch(0, 64, rng)
         pos, t = b["positions"][0], b["tokens"][0]
-        assert len(pos) <= 64 and torch.equal(b["loss_mask"][0], pos >= 20)
-        assert torch.equal(t, tok[pos]) and torch.equal(b["hidden"][0], h[pos])  # true positions
-        cuts = [0] + [i for i in range(1, len(pos)) if pos[i] != pos[i - 1] + 1] + [len(pos)]
+        assert len(pos) <= 64 and torch.equal(t, tok[pos]) and torch.equal(b["hidden"][0], h[pos])  # true positions
+        att = b["attn_mask"][0, 0]
+        cuts = [0] + [i for i in range(1, len(pos)) if not att[i, i - 1]] + [len(pos)]  # where a packed sample starts
+        assert all(torch.equal(pos[a:e], torch.arange(int(pos[a]), int(pos[a]) + e - a)) for a, e in zip(cuts, cuts[1:]))
+        first = torch.zeros(len(pos), dtype=torch.bool)
+        first[cuts[:-1]] = True  # a packed sample's first token: predicted across the boundary, so no loss
+        assert torch.equal(b["loss_mask"][0], (pos >= 20) & ~first)
         for a, e in zip(cuts, cuts[1:]):  # each packed sample: consecutive positions from its window's start
             assert b["loss_mask"][0, a + 1:e].any()  # a response token to predict
             starts.append(int(pos[a]))
