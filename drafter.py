@@ -121,9 +121,10 @@ class DraftBuffer:
     def batch(self, step, max_tokens, rng, device="cpu", min_window=16, row_tokens=512):
         """Samples of step-1 (the last rollout's complete sequences, the long ones included) and of step
         (finished in this rollout) in random order, packed into rows of at most `row_tokens` (attention then
-        costs tokens x row_tokens, not tokens^2), at most max_tokens in all. A sample longer than the room left
-        in a row gives a random window of it (at least `min_window` tokens, at least one response token) that
-        keeps its true positions: the far end of a long response is learned as often as its start. A packed
+        costs tokens x row_tokens, not tokens^2), at most max_tokens in all. A sample that fits in a row goes
+        whole (the drafter learns with the whole context it drafts with); a longer one gives a random window of
+        it (at least `min_window` tokens, at least one response token) that keeps its true positions: the far end
+        of a long response is learned as often as its start. A packed
         sample's first token has no loss: the pair that predicts it straddles two samples. Returns
         drafter_loss's keyword arguments ([R, N]: rows padded to the longest), or None."""
         with self.lock:
@@ -135,7 +136,7 @@ class DraftBuffer:
             for sample in pool:
                 tok, h, n_prompt = sample
                 n = min(len(tok), W - total)
-                if n < min(len(tok), min_window):  # no room in this row: maybe in the next
+                if n < len(tok) and (len(tok) <= W or n < min_window):  # whole in the next row, or a window there
                     rest.append(sample)
                     continue
                 lo = rng.randint(max(0, n_prompt + 1 - n), len(tok) - n)  # the window ends past the prompt
@@ -407,7 +408,7 @@ def self_generated(target, prompts, max_new, eos, seed=0, temperature=1.0, batch
     return data
 
 
-def train_offline(target, prompts, eos, steps=300, lr=3e-3, batch_tokens=2048, max_new=256, progress=False,
+def train_offline(target, prompts, eos, steps=400, lr=3e-3, batch_tokens=2048, max_new=256, progress=False,
                   temperature=1.0, minutes=None, init=None, **trainer_kw):
     """A drafter trained on the target's own responses to `prompts` (self-distillation), with the learning rate
     decaying linearly to 10% over `steps` (or over `minutes` of training, whichever ends first). `init`: a
@@ -448,7 +449,7 @@ def main():
                     "(offline: templates x subjects, acceptance measured on held-out subjects)")
     ap.add_argument("--n_prompts", type=int, help="train on this many prompts (default: all; tiny: 512)")
     ap.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts the acceptance is measured on")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--minutes", type=float, help="stop training after this many minutes (data generation apart)")
     ap.add_argument("--out", default="out/drafter")
     ap.add_argument("--engine", default="sglang", choices=ENGINES, help="whose config.json the export carries")

@@ -84,6 +84,7 @@ if [[ " $PARTS " == *" e2e "* ]]; then
 # (compare the SD-on tail_s of the two)
 step train_bench_tiny_no_tail_training 100 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true \
     --tail_training false --out "$OUT/train_bench_nt"
+# --bench interleaves the SD-off and SD-on runs step by step: both are in memory at once (~30 GB each here)
 step train_bench_shape 330 $PY train.py --bench --preset tiny --model "tiny:$SHAPE" --steps $E2E_STEPS \
     --grad_checkpointing true --cuda_graphs true --tail_training true --out "$OUT/train_bench_shape"
 cp "$OUT/train_bench_shape/timeline.png" "$OUT/timeline_shape.png" 2>/dev/null

@@ -87,7 +87,7 @@ class Config:
 
 TINY = dict(model="tiny", dataset="tiny", steps=40, prompts_per_step=32, group_size=8, max_new_tokens=256,
             max_prompt_len=128, lr=3e-5, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3,
-            drafter_tokens=2048, drafter_min_steps=5, tail_training=False, eval_every=20, eval_prompts=1024,
+            drafter_tokens=2048, drafter_min_steps=10, tail_training=False, eval_every=20, eval_prompts=1024,
             eval_samples=0, save_every=5, cuda_graphs=False, grad_checkpointing=False)
 
 
