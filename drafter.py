@@ -124,9 +124,9 @@ class DraftBuffer:
         costs tokens x row_tokens, not tokens^2), at most max_tokens in all. A sample that fits in a row goes
         whole (the drafter learns with the whole context it drafts with); a longer one gives a random window of
         it (at least `min_window` tokens, at least one response token) that keeps its true positions: the far end
-        of a long response is learned as often as its start. A packed
-        sample's first token has no loss: the pair that predicts it straddles two samples. Returns
-        drafter_loss's keyword arguments ([R, N]: rows padded to the longest), or None."""
+        of a long response is learned as often as its start. A packed sample's first token has no loss: the pair
+        that predicts it straddles two samples. Returns drafter_loss's keyword arguments ([R, N]: rows padded to
+        the longest), or None."""
         with self.lock:
             pool = [s for k in (step - 1, step) for s in self.steps.get(k, {}).values()]
         rng.shuffle(pool)

@@ -177,9 +177,10 @@ def cache_index(shape, slots, cache_lens, T):
 def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None, max_len=None,
                        memo=None):
     """What tree_attention computes, in plain PyTorch: gather the rows, dense mask, attention in fp32. Also the
-    CPU path of the engine, so it is lean: one copy of each row's K/V, fused SDPA with the GQA heads mapped, not
-    repeated, and the mask built once per forward (`memo`, a dict the layers share). It attends over the first
-    `max_len` cache positions; by default max(cache_lens) + T, nothing later is visible (a host read)."""
+    CPU path of the engine, so it is lean: at most one copy of the rows' K/V (none while they sit in consecutive
+    slots), fused SDPA with the GQA heads mapped, not repeated, and the mask built once per forward (`memo`, a
+    dict the layers share). It attends over the first `max_len` cache positions; by default max(cache_lens) + T,
+    nothing later is visible (a host read)."""
     B, Hq, T, D = q.shape
     memo = {} if memo is None else memo
     if "bias" not in memo:
@@ -197,8 +198,8 @@ def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, s
         # a shorter row's unused cache may hold NaN: NaN - inf = NaN and 0 * NaN = NaN, so it is zeroed in the copy
         memo["unseen"] = (lo, ~mask[..., lo:].any(1)[:, None, :, None]) if lo < L else None  # [B, 1, L - lo, 1]
         # rows in consecutive slots (a batch before any row finished) are read in place, without a copy
-        first = int(slots[0]) if max_len is None and torch.equal(slots, slots[0] + torch.arange(B, device=slots.device)) else None
-        memo["first"] = first
+        run = max_len is None and torch.equal(slots, slots[0] + torch.arange(B, device=slots.device))
+        memo["first"] = int(slots[0]) if run else None
     L, first = memo["bias"].shape[-1], memo["first"]
     if first is None:
         k = k_cache[:, :, :L].index_select(0, slots)  # [B, Hkv, L, D], a copy

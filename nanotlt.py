@@ -150,8 +150,8 @@ class Attention(nn.Module):
         else:  # write the new K/V at cache_lens .. cache_lens+T-1 of each row's slot, then attend over the slot
             if "at" not in ctx.memo:
                 ctx.memo["at"] = kernels.cache_index(self.k_cache.shape, ctx.slots, ctx.cache_lens, T)
-            for cache, new in ((self.k_cache, k), (self.v_cache, v)):
-                cache.view(-1, self.head_dim).index_copy_(0, ctx.memo["at"], new.reshape(-1, self.head_dim).to(cache.dtype))
+            for cache, new in ((self.k_cache, k), (self.v_cache, v)):  # [S * Hkv * L, D] <- [B * Hkv * T, D]
+                cache.view(-1, self.head_dim).index_copy_(0, ctx.memo["at"], new.flatten(0, 2).to(cache.dtype))
             if x.is_cuda if USE_TRITON is None else USE_TRITON:
                 out = kernels.tree_attention(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
             else:

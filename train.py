@@ -535,7 +535,8 @@ def training(cfg, rank=0, world=1, log=print):
         if not cfg.resume:  # a new run: a later --resume must not pick up an older run's checkpoint
             shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
     history, tracker = [], make_tracker(cfg) if rank == 0 else None
-    run = types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt, bandit=bandit)
+    run = types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt,
+                                bandit=bandit)
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
         evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device, cache) if cfg.eval_every and (
