@@ -53,8 +53,8 @@ fi
 step imports 20 $PY -c "import json, torch, triton, transformers, datasets, tqdm; print(json.dumps({m.__name__: \
     m.__version__ for m in (torch, triton, transformers, datasets, tqdm)} | {'cuda': torch.cuda.is_available()}))"
 if [[ " $PARTS " == *" core "* ]]; then
-step kernels_check 40 $PY kernels.py
-step kernels_bench 75 $PY kernels.py --bench
+step kernels_check 40 $PY tlt_kernels.py
+step kernels_bench 75 $PY tlt_kernels.py --bench
 step drafter_tiny 60 $PY drafter.py --out "$OUT/tiny_drafter"  # the tiny preset's drafter, trained offline
 step spec_tiny 75 $PY spec_decode.py --bench --drafter "$OUT/tiny_drafter" --batch 1,8,32 "${SMALL[@]}"
 TRITON_INTERPRET=0 step gpu_tests 90 $PY -m pytest -q -x test_nanotlt.py -k cuda  # uses the tiny preset just built

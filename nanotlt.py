@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import kernels
+import tlt_kernels as kernels
 
 USE_TRITON = None  # None: the Triton kernel on CUDA, the PyTorch reference on CPU; True/False forces it
 

@@ -15,7 +15,7 @@ import torch
 from math_verify import LatexExtractionConfig, parse, verify
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import tlt_kernels as kernels
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

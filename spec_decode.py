@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import kernels
+import tlt_kernels as kernels
 import nanotlt
 from nanotlt import Ctx
 

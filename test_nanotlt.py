@@ -1,4 +1,4 @@
-"""Tests for nanotlt: the Triton kernels (kernels.py, in the Triton interpreter), the model and the rollout engine
+"""Tests for nanotlt: the Triton kernels (tlt_kernels.py, in the Triton interpreter), the model and the rollout engine
 (nanotlt.py, spec_decode.py: logits against transformers, exact sampling, lossless speculative decoding, the
 engine's pieces), the EAGLE drafter and its spot trainer (drafter.py), the GRPO pieces (rl.py) and the training
 loop (train.py). CPU only, offline, fp32; no GPU needed (the CUDA-graph test is skipped without one).
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import kernels
+import tlt_kernels as kernels
 import nanotlt
 import rl
 import spec_decode as sd
@@ -86,7 +86,7 @@ def free_port():
 
 
 # =========================================================================================================
-# kernels (kernels.py): tree attention over the static KV cache and KV compaction, in the Triton interpreter
+# kernels (tlt_kernels.py): tree attention over the static KV cache and KV compaction, in the Triton interpreter
 
 
 def tree_from_parents(parents):
@@ -1114,12 +1114,12 @@ def test_cache_is_sized_once_per_training_run(tiny_cache, tmp_path, monkeypatch)
 
 
 def test_imports_point_down_the_stack():
-    """kernels.py knows nothing of ours, the model only the kernels, the engine only those two (any drafter
+    """tlt_kernels.py knows nothing of ours, the model only the kernels, the engine only those two (any drafter
     object will do), and only train.py imports the training side."""
     import ast
-    ours = {"kernels", "nanotlt", "spec_decode", "drafter", "rl", "train"}
-    allowed = {"kernels": set(), "nanotlt": {"kernels"}, "spec_decode": {"kernels", "nanotlt"}, "rl": {"kernels"},
-               "drafter": {"nanotlt", "spec_decode", "rl"}, "train": ours - {"train"}}
+    ours = {"tlt_kernels", "nanotlt", "spec_decode", "drafter", "rl", "train"}
+    allowed = {"tlt_kernels": set(), "nanotlt": {"tlt_kernels"}, "spec_decode": {"tlt_kernels", "nanotlt"},
+               "rl": {"tlt_kernels"}, "drafter": {"nanotlt", "spec_decode", "rl"}, "train": ours - {"train"}}
     for mod, ok in allowed.items():
         tree = ast.parse(open(os.path.join(os.path.dirname(__file__), mod + ".py")).read())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -10,8 +10,8 @@ When there are too few (row, kv-head) programs to fill the GPU, the cache is spl
 softmax(logits / T) by Gumbel-max with noise that is a pure function of (seed, sequence, step), in one pass over
 the logits, bit-identical to its reference on every device.
 
-    python kernels.py           # correctness: kernel vs reference vs SDPA (CPU: Triton interpreter)
-    python kernels.py --bench   # GPU timings vs SDPA and the reference; last line is JSON
+    python tlt_kernels.py           # correctness: kernel vs reference vs SDPA (CPU: Triton interpreter)
+    python tlt_kernels.py --bench   # GPU timings vs SDPA and the reference; last line is JSON
 """
 import functools, json, math, os, sys
 import numpy as np
