@@ -1113,6 +1113,15 @@ def test_cache_is_sized_once_per_training_run(tiny_cache, tmp_path, monkeypatch)
     assert len(ptrs) == 5 and len(set(ptrs)) == 1  # 3 evaluations, 2 rollouts
 
 
+def test_our_modules_shadow_no_installed_package():
+    """Run from the repo root, our files come first on sys.path: one named like an installed package would hide
+    it from every library that imports it (a kernels.py hid Hugging Face's kernels from transformers)."""
+    import importlib.metadata
+    installed = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    ours = {f[:-3] for f in os.listdir(os.path.dirname(os.path.abspath(__file__))) if f.endswith(".py")}
+    assert not {m: installed[m] for m in ours if m in installed}
+
+
 def test_imports_point_down_the_stack():
     """tlt_kernels.py knows nothing of ours, the model only the kernels, the engine only those two (any drafter
     object will do), and only train.py imports the training side."""
