@@ -1340,7 +1340,7 @@ def _drafter_rank(rank, world, port, out):
     trainer.sync()
     torch.save(dict(pre=pre, post=trainer.model.state_dict(), serving=trainer.serving.state_dict(), idle=idle),
                os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    train.teardown()
 
 
 def test_sync_averages_across_ranks(tmp_path):
@@ -2094,7 +2094,7 @@ def _fsdp_update_rank(rank, world, port, out, tied, kl, upr):
     train.copy_weights(policy, infer)  # block by block into an unsharded inference copy
     if rank == 0:
         torch.save(dict(full=full, infer=infer.state_dict(), loss=float(loss)), out)
-    dist.destroy_process_group()
+    train.teardown()
 
 
 @pytest.mark.parametrize("tied,kl,upr", [(False, False, 1), (True, True, 2)])
@@ -2131,7 +2131,7 @@ def _train_rank(rank, world, port, out, args, result):
     if rank == 0:
         torch.save({"policy": weights, "optim": optim, "history": [{k: v for k, v in h.items() if k != "timelines"}
                                                                    for h in history]}, result)
-    train.dist.destroy_process_group()
+    train.teardown()
 
 
 def train_ranks(tmp_path, name, args, world=2):

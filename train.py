@@ -913,7 +913,13 @@ def main(argv):
         log(json.dumps(result))
     else:
         train(cfg, rank, world, log)
+    teardown()
+
+
+def teardown():
+    """Every rank arrives before any closes its connections: gloo aborts a rank whose peer hung up mid-teardown."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
