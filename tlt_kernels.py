@@ -159,9 +159,9 @@ def tree_attention(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_sc
 def dense_mask(cache_lens, tree_mask, T, L):
     """[B, T, L] bool: query i of row b sees cache position p. The definition the kernel implements."""
     B = cache_lens.shape[0]
-    if tree_mask is None:
-        tree_mask = torch.ones(T, T, dtype=torch.bool, device=cache_lens.device).tril().expand(B, T, T)
     j = torch.arange(L, device=cache_lens.device)[None, :] - cache_lens[:, None].long()  # [B, L] new-token index
+    if tree_mask is None:  # causal: query i sees new tokens up to itself
+        return j[:, None, :] <= torch.arange(T, device=cache_lens.device)[:, None]
     new_vis = torch.gather(tree_mask, 2, j.clamp(0, T - 1)[:, None, :].expand(B, T, L))  # [B, T, L]
     return (j < 0)[:, None, :] | ((j < T)[:, None, :] & new_vis)
 
@@ -169,7 +169,7 @@ def dense_mask(cache_lens, tree_mask, T, L):
 def cache_index(shape, slots, cache_lens, T):
     """Rows of a cache [S, H, L, D] seen as [S * H * L, D] where new K/V [B, H, T, D] go: row b's token t at
     position cache_lens[b] + t of slot slots[b]. [B * H * T] int64."""
-    S, H, L, _ = shape
+    _, H, L, _ = shape
     pos = cache_lens[:, None, None].long() + torch.arange(T, device=slots.device)  # [B, 1, T]
     return ((slots[:, None, None].long() * H + torch.arange(H, device=slots.device)[:, None]) * L + pos).flatten()
 
@@ -189,11 +189,7 @@ def tree_attention_ref(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, s
             lo, L = int(lo) + T, min(k_cache.shape[2], int(hi) + T)  # positions < lo: every row wrote them
         else:
             lo, L = 0, max_len
-        if tree_mask is None:  # causal: query i sees positions < cache_len + i + 1
-            last = cache_lens[:, None, None] + torch.arange(T, device=q.device)[:, None]  # [B, T, 1]
-            mask = torch.arange(L, device=q.device) <= last  # [B, T, L]
-        else:
-            mask = dense_mask(cache_lens, tree_mask, T, L)
+        mask = dense_mask(cache_lens, tree_mask, T, L)  # [B, T, L]
         memo["bias"] = torch.zeros(B, 1, T, L, device=q.device).masked_fill_(~mask[:, None], -math.inf)  # SDPA adds it
         # a shorter row's unused cache may hold NaN: NaN - inf = NaN and 0 * NaN = NaN, so it is zeroed in the copy
         memo["unseen"] = (lo, ~mask[..., lo:].any(1)[:, None, :, None]) if lo < L else None  # [B, 1, L - lo, 1]
