@@ -395,17 +395,18 @@ def load_prompt_texts(source):
 
 
 def self_generated(target, prompts, max_new, eos, seed=0, temperature=1.0, batch=None, progress=False):
-    """The target's own responses with its features: [(tokens, hidden, n_prompt)], in batches of rows."""
+    """The target's own responses with its features: yields (tokens, hidden, n_prompt), generated in batches of
+    rows (only one batch's features wait here at a time: the caller keeps what it wants)."""
     from spec_decode import generate
     from tqdm import tqdm
-    data, batch = [], batch or (256 if target.inv_freq.is_cuda else 64)
+    batch = batch or (256 if target.inv_freq.is_cuda else 64)
     with tqdm(total=len(prompts), desc="self-distillation data", disable=not progress) as bar:
         for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
+            chunk, data = prompts[i:i + batch], []
             generate(target, chunk, max_new, temperature=temperature, seed=seed + i, eos_id=eos,
                      on_finish=lambda j, t, h: data.append((t.cpu(), h.cpu(), len(chunk[j]))))
             bar.update(len(chunk))
-    return data
+            yield from data
 
 
 def train_offline(target, prompts, eos, steps=400, lr=3e-3, batch_tokens=2048, max_new=256, progress=False,

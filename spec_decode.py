@@ -419,7 +419,8 @@ class GraphPool:
         if key not in self.seen:
             self.seen.add(key)
             self.first_calls += 1
-        if not self.enabled or B > BUCKETS[-1] or key in self.failed or not self.prepare(name, fn, slots, *args):
+        eager = not self.enabled or B > BUCKETS[-1] or key in self.failed
+        if eager or not self.prepare(name, fn, slots, *args, key=key):
             return fn(slots, *args)
         graph, static, out, filled = self.graphs[key]
         for s, a in zip(static, (slots,) + args):
@@ -431,9 +432,9 @@ class GraphPool:
         graph.replay()
         return tuple(o[:B] for o in out)  # views of the graph's outputs: valid until the pool's next replay
 
-    def prepare(self, name, fn, slots, *args):
+    def prepare(self, name, fn, slots, *args, key=None):
         """Capture the piece (if it is not yet): True when it has a graph. The inputs give shapes only."""
-        key = self.key(name, slots, args)
+        key = key or self.key(name, slots, args)
         if key in self.graphs or not self.enabled or key in self.failed:
             return key in self.graphs
         stream, t0 = torch.cuda.current_stream(), time.perf_counter()
