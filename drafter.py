@@ -419,6 +419,8 @@ def train_offline(target, prompts, eos, steps=400, lr=3e-3, batch_tokens=2048, m
     for tokens, hidden, n_prompt in self_generated(target, prompts, max_new, eos, temperature=temperature,
                                                    progress=progress):
         trainer.buffer.add(0, tokens, hidden, n_prompt)
+    if not trainer.buffer.n_tokens:
+        raise ValueError(f"no training data: the target wrote no response to any of the {len(prompts)} prompt(s)")
     t0, budget = time.perf_counter(), (minutes or float("inf")) * 60
     with tqdm(total=steps, desc="drafter", disable=not progress) as bar:
         for i in range(steps):
@@ -463,6 +465,9 @@ def main():
     ap.add_argument("--noise_scale", type=float, default=0.2)
     ap.add_argument("--ce_tokens", type=int, help="soft cross-entropy on this many tokens a step (default: all)")
     args = ap.parse_args()
+    for key in ("eval_prompts", "n_prompts", "steps", "batch_tokens", "max_new_tokens"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be at least 1, got {getattr(args, key)}")
     t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if args.model is None:

@@ -2253,13 +2253,40 @@ def test_memory_plan_of_the_paper_models():
 def test_bad_input_exits_with_one_line(tiny_cache, tmp_path):
     for argv, words in [(["--bogus", "1"], "unknown argument"), (["--preset", "huge"], "unknown preset"),
                         (["--steps", "x"], "takes a int"), (["--prompts_per_step=0"], "must be at least 1"),
+                        (["--eval_samples=-1"], "must be at least 0"),
                         (["--preset", "tiny", "--dataset", str(tmp_path / "none.jsonl")], "cannot load dataset"),
                         (["--preset", "tiny", "--max_new_tokens", "5000"], "no room for a prompt"),
-                        (["--preset", "tiny", "--model", "tiny:huge"], "unknown tiny-task model")]:
-        p = subprocess.run([sys.executable, "train.py", *argv, "--out", str(tmp_path / "o")], capture_output=True,
+                        (["--preset", "tiny", "--model", "tiny:huge"], "unknown tiny-task model"),
+                        (["drafter.py", "--eval_prompts", "0"], "must be at least 1")]:
+        script = argv.pop(0) if argv[0].endswith(".py") else "train.py"
+        p = subprocess.run([sys.executable, script, *argv, "--out", str(tmp_path / "o")], capture_output=True,
                            text=True, cwd=os.path.dirname(os.path.abspath(train.__file__)), timeout=120)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and words in lines[0], (argv, p.stderr[-300:])  # no traceback
+
+
+def test_offline_training_without_data_says_so(tiny):
+    with pytest.raises(ValueError, match="no training data"):
+        train_offline(tiny.model, [], tiny.tok.eos_token_id, steps=3)
+
+
+def test_sampled_eval_fits_the_engine_rows(tiny):
+    """The sampled eval (prompts x samples rows) runs in passes of the engine's rows, which the KV cache and the
+    memory plan are sized for: the same samples (keyed by prompt and sample, not by pass) and pass@1 as in one
+    pass, and the cache never grows past its planned rows."""
+    cfg = train.Config(**{**train.TINY, "preset": "tiny", "eval_samples": 3, "eval_prompts": 6, "max_new_tokens": 48})
+    rows = [dict(ids=ids, answer=a["answer"]) for ids, a in
+            zip(tiny.test[:6], rl.load_rows(os.path.join(tiny.data_dir, "test.jsonl"))[0][:6])]
+    model = copy.deepcopy(tiny.model)
+    sd.release(model)  # no cache left by another test
+    run = lambda max_rows: train.evaluate(cfg, model, tiny.tok, rows, None, 0, 1, torch.device("cpu"),
+                                          dict(max_prompt_len=64, max_rows=max_rows))
+    small = run(4)  # one prompt's 3 samples per pass
+    assert model.k_cache.shape[1] == 6 + 1  # the greedy eval's 6 rows (+ the dummy slot): no growth after
+    big = run(18)  # all 6 x 3 in one pass
+    assert small == big and 0 < small["eval_pass@1"] < 1
+    big_cfg = train.parse_args(["--preset", "real", "--eval_prompts", "256"])[0]  # 32 prompts a rank x 4 samples
+    assert train.engine_rows(big_cfg, 8) == max(big_cfg.prompts_per_step // 8 * big_cfg.group_size, 32)
 
 
 def test_overlong_prompts_are_dropped_and_counted(tiny_cache, tmp_path):

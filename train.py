@@ -130,9 +130,13 @@ def parse_args(argv):
                     ("log", ("", "wandb", "tensorboard"))):
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key} takes {' or '.join(ok)}, got {getattr(cfg, key)!r}")
-    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_prompts"):
+    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_prompts",
+                "micro_batch_tokens"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("eval_samples", "eval_every", "save_every", "drafter_min_steps"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"--{key} must be at least 0, got {getattr(cfg, key)}")
     return cfg, why
 
 
@@ -221,8 +225,9 @@ def step_prompts(rows, cfg, step, rank, world):
             for k in range(step * P + rank * per_rank, step * P + (rank + 1) * per_rank)]
 
 
-def engine_rows(cfg, world):  # the most rows one rank rolls out at once: a step's groups, or its eval prompts
-    return max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world))
+def engine_rows(cfg, world):  # the most rows one rank rolls out at once: a step's groups, or its eval prompts (the
+    # sampled eval goes in passes of that many rows, and one prompt's samples at least)
+    return max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world), cfg.eval_samples)
 
 
 def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False, **kw):
@@ -374,10 +379,12 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
         outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd, **cache)
         sums[0] = float(score(cfg, tok, outs, samples).sum())
         sums[2:] = torch.tensor([stats["sd_tokens"], stats["sd_rows"]])
-        if cfg.eval_samples:
+        if cfg.eval_samples:  # in passes that fit the engine's rows (the KV cache was sized for a step)
             k = dataclasses.replace(cfg, temperature=0.6, top_p=0.95, group_size=cfg.eval_samples)
-            outs, samples, _ = rollout(k, infer, tok, mine, drafter, None, None, -1, **cache)
-            sums[1] = float(score(cfg, tok, outs, samples).sum())
+            per = max(1, cache["max_rows"] // cfg.eval_samples)
+            for i in range(0, len(mine), per):
+                outs, samples, _ = rollout(k, infer, tok, mine[i:i + per], drafter, None, None, -1, **cache)
+                sums[1] += float(score(cfg, tok, outs, samples).sum())
     s = all_reduce(sums.to(device)).tolist()
     out = dict(eval_accuracy=s[0] / len(rows))
     if cfg.eval_samples:
@@ -436,17 +443,24 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
 
 
 def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
-    """Restore the latest checkpoint exactly (same number of ranks); returns the step to continue from. The
-    learning rates given now (--lr, --drafter_lr) win over the saved ones."""
+    """Restore the latest checkpoint (same number of ranks): policy, optimizer, drafter and its optimizer, RNG,
+    bandit; returns the step to continue from. Not the drafter's data buffer: the first step after a resume trains
+    the drafter on that step's rollouts only. The learning rates given now (--lr, --drafter_lr) win over the
+    saved ones."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     latest = os.path.join(cfg.out, "ckpt", "latest")
     if not os.path.exists(latest):
         raise ValueError(f"--resume: no checkpoint in {cfg.out}/ckpt")
-    path = os.path.join(cfg.out, "ckpt", open(latest).read().strip())
-    meta = json.load(open(os.path.join(path, "meta.json")))
+    with open(latest) as f:
+        path = os.path.join(cfg.out, "ckpt", f.read().strip())
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
     if meta["world"] != world:
         raise ValueError(f"--resume: {path} was written by {meta['world']} rank(s), this run has {world}")
+    mine = os.path.join(path, f"rank_{rank}")
+    if trainer is not None and not os.path.exists(os.path.join(mine, "drafter", "trainer.pt")):
+        raise ValueError(f"--resume: {path} has no drafter (written with --sd off): resume with --sd off")
     weights, optim = get_state_dict(policy, opt)
     state = {"policy": weights, "optim": optim}
     dcp.load(state, checkpoint_id=os.path.join(path, "state"))
@@ -454,7 +468,6 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
     for g in opt.param_groups:
         g["lr"] = cfg.lr
     copy_weights(policy, infer)
-    mine = os.path.join(path, f"rank_{rank}")
     if trainer is not None:
         trainer.load(os.path.join(mine, "drafter"))
         for g in trainer.opt.param_groups:
@@ -671,7 +684,8 @@ def plot_curves(metrics_path, path):
     plt = pyplot()
     if plt is None:
         return None
-    recs = [json.loads(line) for line in open(metrics_path)]
+    with open(metrics_path) as f:
+        recs = [json.loads(line) for line in f]
     steps = [r for r in recs if "reward_mean" in r]
     evals = [r for r in recs if "eval_accuracy" in r]
     if not steps:
