@@ -1941,6 +1941,8 @@ def test_resume_continues_exactly(tiny_cache, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(ckpt).config.num_hidden_layers == nanotlt.tiny_args().n_layers
     _, other = run(args + ["--steps", "3", "--resume", "--lr", "1e-4"], tmp_path, "cut")
     assert other.opt.param_groups[0]["lr"] == 1e-4
+    with pytest.raises(ValueError, match="written with --group_size 4, this run has 2"):  # it fixes the samples
+        run(args + ["--steps", "3", "--resume", "--group_size", "2"], tmp_path, "cut")
 
 
 def test_released_engine_and_inference_copy_change_nothing(tiny_cache, tmp_path):

@@ -402,6 +402,9 @@ def barrier():
         dist.barrier()
 
 
+RESUME_SAME = ("prompts_per_step", "group_size", "seed")  # a resumed run must keep these (checked)
+
+
 def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     """ckpt/step_N/: state/ holds the policy's weights and optimizer, sharded (torch.distributed.checkpoint: each
     rank writes its own shards, so `--out` must be on a file system all nodes share); rank_R/ each rank's drafter
@@ -422,7 +425,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
         if hasattr(tok, "save_pretrained"):  # an HF tokenizer: the policy dir is a complete model to serve
             tok.save_pretrained(os.path.join(tmp, "policy"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(dict(step=step, world=world), f)
+            json.dump(dict(step=step, world=world, **{k: getattr(cfg, k) for k in RESUME_SAME}), f)
     mine = os.path.join(tmp, f"rank_{rank}")
     if trainer is not None:
         trainer.save(os.path.join(mine, "drafter"))
@@ -458,6 +461,9 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
         meta = json.load(f)
     if meta["world"] != world:
         raise ValueError(f"--resume: {path} was written by {meta['world']} rank(s), this run has {world}")
+    for k in RESUME_SAME:  # they fix each step's prompts and sampling keys: a change would skip or repeat prompts
+        if k in meta and meta[k] != getattr(cfg, k):
+            raise ValueError(f"--resume: {path} was written with --{k} {meta[k]}, this run has {getattr(cfg, k)}")
     mine = os.path.join(path, f"rank_{rank}")
     if trainer is not None and not os.path.exists(os.path.join(mine, "drafter", "trainer.pt")):
         raise ValueError(f"--resume: {path} has no drafter (written with --sd off): resume with --sd off")
