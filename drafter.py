@@ -142,8 +142,10 @@ class DraftBuffer:
                 lo = rng.randint(max(0, n_prompt + 1 - n), len(tok) - n)  # the window ends past the prompt
                 parts.append((tok[lo:lo + n], h[lo:lo + n], n_prompt, lo))
                 total += n
+            if not parts:  # nothing left that fits: the later rows would be empty too
+                break
+            rows.append(parts)
             pool = rest
-            rows += [parts] if parts else []
         if not rows:
             return None
         R, N, H = len(rows), max(sum(len(t) for t, *_ in parts) for parts in rows), rows[0][0][1].shape[1]

@@ -225,8 +225,9 @@ def step_prompts(rows, cfg, step, rank, world):
             for k in range(step * P + rank * per_rank, step * P + (rank + 1) * per_rank)]
 
 
-def engine_rows(cfg, world):  # the most rows one rank rolls out at once: a step's groups, or its eval prompts (the
-    # sampled eval goes in passes of that many rows, and one prompt's samples at least)
+def engine_rows(cfg, world):
+    """The most rows one rank rolls out at once, what its KV cache is sized for: a step's groups, its greedy eval's
+    prompts, or one prompt's eval samples (the sampled eval goes in passes of this many rows)."""
     return max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world), cfg.eval_samples)
 
 
