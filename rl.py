@@ -12,7 +12,6 @@ import os
 import re
 
 import torch
-from math_verify import LatexExtractionConfig, parse, verify
 from torch.utils.checkpoint import checkpoint
 
 import tlt_kernels as kernels
@@ -62,6 +61,7 @@ def _verify(pred, gold):
     and timeouts inside math-verify count as no match (it catches them); calling it off the main thread raises."""
     if any(_braced("{" + a + "}", 0) != a for a in (pred, gold)):
         return False
+    from math_verify import LatexExtractionConfig, parse, verify  # here: integer answers never need it
     pred, gold = (parse("\\boxed{" + a + "}", [LatexExtractionConfig()], parsing_timeout=_TIMEOUT_S)
                   for a in (pred, gold))
     return bool(pred and gold and verify(gold, pred, timeout_seconds=_TIMEOUT_S))  # gold first: it is not symmetric

@@ -13,7 +13,7 @@ the logits, bit-identical to its reference on every device.
     python tlt_kernels.py           # correctness: kernel vs reference vs SDPA (CPU: Triton interpreter)
     python tlt_kernels.py --bench   # GPU timings vs SDPA and the reference; last line is JSON
 """
-import functools, json, math, os, sys
+import functools, json, math, os, re, sys, time
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -110,18 +110,21 @@ def _config(B, Hkv, G, T, L, D, dtype, device):
     """Block sizes and the KV split from shapes only (no device->host sync: CUDA-graph safe)."""
     if INTERPRET:  # small blocks so tiny tests still cover several blocks; splits only when asked
         return 16, 16, 1, 4, 1
-    wide = dtype == torch.float32
-    block_n = 32 if wide else 64
-    block_m = min(max(16, triton.next_power_of_2(G * T)), 64 if wide else 128)
+    wide = dtype == torch.float32  # fp32 tiles take twice the registers: no spills on sm_90 (tlt_kernels --compile)
+    block_n = 32 if wide or D < 64 else 64
+    block_m = min(max(16, triton.next_power_of_2(G * T)), 32 if wide else 128)
     progs = B * Hkv * triton.cdiv(G * T, block_m)
     n_sm = _sm_count(device)
     splits = 1 if progs >= n_sm else min(triton.cdiv(2 * n_sm, progs), max(1, L // (2 * block_n)), 64)
-    return block_m, block_n, splits, (4 if block_m <= 64 else 8), (2 if wide else 3)
+    return block_m, block_n, splits, (8 if wide or block_m * D >= 8192 else 4), (2 if wide else 3)
 
 
 @functools.lru_cache
 def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return AOT_SMS or torch.cuda.get_device_properties(device).multi_processor_count
+
+
+AOT_SMS = 0  # compile_variants: the SM count of the GPU it compiles for
 
 
 def tree_attention(q, k_cache, v_cache, slots, cache_lens, tree_mask=None, sm_scale=None, num_splits=None):
@@ -221,31 +224,6 @@ def compact_kv(k_cache, v_cache, slots, cache_lens, accept_idx, accept_len):
         cache[:, s, :, dst] = cache[:, s, :, src]  # the gather is a copy made before any write: no race
 
 
-@triton.jit
-def _compact_kernel(k_ptr, v_ptr, slots_ptr, lens_ptr, idx_ptr, alen_ptr, s_layer, s_slot, s_head, s_pos, s_idx,
-                    H: tl.constexpr, H_P: tl.constexpr, D: tl.constexpr):
-    b, layer = tl.program_id(0), tl.program_id(1)
-    h, d = tl.arange(0, H_P), tl.arange(0, D)
-    base = layer.to(tl.int64) * s_layer + tl.load(slots_ptr + b).to(tl.int64) * s_slot
-    off = base + h[:, None] * s_head + d[None, :]  # [H_P, D]
-    ok = h[:, None] < H
-    cache_len = tl.load(lens_ptr + b)
-    # in order: step i overwrites new position i, which only earlier steps read (later ones read accept_idx >= i' > i)
-    for i in range(0, tl.load(alen_ptr + b)):
-        src = (cache_len + tl.load(idx_ptr + b * s_idx + i)).to(tl.int64) * s_pos
-        dst = (cache_len + i).to(tl.int64) * s_pos
-        tl.store(k_ptr + off + dst, tl.load(k_ptr + off + src, mask=ok), mask=ok)
-        tl.store(v_ptr + off + dst, tl.load(v_ptr + off + src, mask=ok), mask=ok)
-
-
-def compact_kv_triton(k_cache, v_cache, slots, cache_lens, accept_idx, accept_len):
-    NL, S, H, L, D = k_cache.shape
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    _compact_kernel[(slots.shape[0], NL)](k_cache, v_cache, slots, cache_lens, accept_idx, accept_len,
-                                          *k_cache.stride()[:4], accept_idx.stride(0),
-                                          H=H, H_P=triton.next_power_of_2(H), D=D, num_stages=1)
-
-
 # ---------------------------------------------------------------- lossless sampling by position-keyed Gumbel noise
 # Token t of sequence s is argmax(logits * (1 / temperature) + g(seed, s, t)) with g a Gumbel vector that is a pure
 # function of its key: a counter-based hash gives a uniform u per vocabulary entry, g = -log(-log(u)). Every step
@@ -323,7 +301,7 @@ def _log(x):  # _log_ref, op for op
     big = m > 1.4142135623730951
     m = tl.where(big, m * 0.5, m)
     e = (e + big.to(tl.int32)).to(tl.float32)
-    s = (m - 1.0) / (m + 1.0)
+    s = tl.div_rn(m - 1.0, m + 1.0)  # `/` compiles to an approximate division on NVIDIA GPUs
     z = s * s
     p = ((z * 0.2857142857142857 + 0.4) * z + 0.6666666666666666) * z + 2.0
     return e * 0.6931471805599453 + s * p
@@ -341,7 +319,7 @@ def _gumbel(key, v):  # the noise of vocabulary entries v (int32) under one key
     return -_log(-_log(u))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a GPU launch makes an int argument equal to 1 a constant
 def _gumbel_argmax_kernel(logits_ptr, seq_ptr, step_ptr, out_ptr, V, stride, inv_t, seed, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     key = _key(tl.load(seq_ptr + row), tl.load(step_ptr + row), seed)
@@ -428,6 +406,106 @@ def check():
     print("sampler: kernel and reference give the same tokens")
 
 
+# ---------------------------------------------------------------- ahead of time, for NVIDIA GPUs, without one
+ARCHS = {90: (132, 227 * 1024), 80: (108, 163 * 1024)}  # capability: SMs (H100/H200, A100), shared memory per block
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+SHAPES = {"tiny": (4, 2, 32), "smollm2-135m": (9, 3, 64), "qwen2.5-1.5b": (12, 2, 128)}  # (Hq, Hkv, head_dim)
+
+
+def aot_launches(full=False):
+    """The launches the engine issues, as (label, launch()) pairs: per model shape, decode (T = 1), a prefill chunk
+    (T = 512, causal), a drafter window (T = 9, causal), tree verification (T = 6, 16, 48) and a draft's first depth
+    (an expanded mask, stride 0), each on 1 row (KV split across programs) and on 256 (not split), with int64 slots
+    and lengths as the engine passes them (int32 in fp32, as the benchmarks do); in bf16 for every shape, and
+    decode, prefill and the 48-token tree in fp16 and fp32 for the last (`full`: everything for every shape). The sampler: seeds 0, 1 and 2**32 - 1, vocabularies of 16 and
+    151,936 (a multiple of 16, so its stride gets a hint) and 32,001, each logits dtype. CPU tensors: only their
+    dtypes, strides and alignment reach the compiler."""
+    L, out, dtypes = 4096, [], (torch.bfloat16, torch.float16, torch.float32)
+    cases = ((1, None), (512, None), (9, None), (6, "tree"), (16, "tree"), (48, "tree"), (4, "expanded"))
+    for name, (Hq, Hkv, D) in SHAPES.items():
+        for dtype in dtypes if full or name == list(SHAPES)[-1] else dtypes[:1]:
+            k, v = (torch.zeros(257, Hkv, L, D, dtype=dtype) for _ in range(2))  # [S, Hkv, L, D]
+            for B in (1, 256):
+                idx = torch.int32 if dtype == torch.float32 else torch.int64
+                slots, lens = torch.arange(B, dtype=idx), torch.full((B,), L - 600, dtype=idx)
+                for T, mask in cases if dtype == torch.bfloat16 or full else cases[:2] + cases[5:6]:
+                    q = torch.zeros(B, T, Hq, D, dtype=dtype).transpose(1, 2)  # [B, Hq, T, D], as the model has it
+                    m = None if mask is None else torch.eye(T, dtype=torch.bool).expand(B, T, T)
+                    m = m.contiguous() if mask == "tree" else m
+                    label = f"{name} {str(dtype)[6:]} B={B} T={T}{'' if mask is None else ' ' + mask}"
+                    out.append((label, functools.partial(tree_attention, q, k, v, slots, lens, m)))
+    for V in (16, 32001, 151936):
+        for dtype in dtypes:
+            logits, ids = torch.zeros(4, V, dtype=dtype), torch.arange(4)
+            for seed in (0, 1, 2 ** 32 - 1):
+                out.append((f"V={V} {str(dtype)[6:]} seed={seed}",
+                            functools.partial(gumbel_argmax, logits, ids, ids, 0.7, seed)))
+    return out
+
+
+def compile_variants(archs=tuple(ARCHS), full=False):
+    """Compile every kernel variant of `aot_launches` for each NVIDIA architecture (one process each) with
+    Triton's own compiler and the ptxas of its wheel, through the argument specialisation a GPU launch applies (an
+    int equal to 1 becomes a constant, ints and pointers divisible by 16 get hints), which the interpreter does
+    not: each launch becomes a compile. Needs TRITON_INTERPRET=0. Returns a row per variant: kernel, the first
+    launch that made it, arch, registers, spills and shared memory (bytes), and `bad`: what is over a limit."""
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(len(archs), maxtasksperchild=1) as pool:  # each a fresh fork
+        return [r for rows in pool.map(functools.partial(_compile_arch, full=full), archs) for r in rows]
+
+
+def _compile_arch(arch, full):
+    import contextlib, io, tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+    assert not INTERPRET, "compile_variants needs TRITON_INTERPRET=0"
+
+    class Device:  # what a launch asks the driver: the target, a device id (a cache per arch) and a stream
+        def __init__(self, arch):
+            self.arch = arch
+
+        def get_current_target(self):
+            return GPUTarget("cuda", self.arch, 32)
+
+        def get_current_device(self):
+            return self.arch
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    seen, run = {}, JITFunction.run
+
+    def compile_only(fn, *args, grid, warmup, **kw):
+        with contextlib.redirect_stdout(io.StringIO()) as log:  # ptxas's report, printed by Triton
+            kernel = run(fn, *args, grid=grid, warmup=True, **kw)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if id(kernel) not in seen:
+            regs, spills = (sum(map(int, re.findall(p, log.getvalue()))) for p in (r"Used (\d+) registers",
+                                                                                     r"(\d+) bytes spill stores"))
+            seen[id(kernel)] = dict(kernel=fn.__name__.strip("_"), variant=label, arch=arch, registers=regs,
+                                    spills=spills, shared=kernel.metadata.shared, bad=[], compiled=kernel)
+        if any(g > m for g, m in zip(grid, MAX_GRID)):
+            seen[id(kernel)]["bad"].append(f"grid {grid} over CUDA's limits")
+
+    global AOT_SMS  # this process compiles for `arch` only (a fork of the caller: nothing to restore)
+    AOT_SMS, JITFunction.run = ARCHS[arch][0], compile_only
+    driver.set_active(Device(arch))
+    with tempfile.TemporaryDirectory() as cache:  # an empty cache: every variant is compiled, and ptxas reports
+        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        for label, launch in aot_launches(full):
+            launch()
+    rows = []
+    for r in seen.values():
+        r.pop("compiled")
+        if r["shared"] > ARCHS[r["arch"]][1]:
+            r["bad"].append(f"shared memory {r['shared']} B over sm_{r['arch']}'s {ARCHS[r['arch']][1]}")
+        if r["spills"] and r["arch"] >= 90:
+            r["bad"].append(f"{r['spills']} B of register spills")
+        rows.append(r)
+    return rows
+
+
 def bench():
     from triton.testing import do_bench
     dev, bf, D, rows = "cuda", torch.bfloat16, 128, []
@@ -464,18 +542,6 @@ def bench():
               f"{r['frac_copy_bw']:5.0%} of copy | sdpa {ts and f'{ts * 1e6:.1f} us ({ts / tk:.2f}x)'} "
               f"| ref {tr and f'{tr * 1e6:.1f} us'}")
     caches.clear(); torch.cuda.empty_cache()
-    NL, Hkv, L, T, A, compact = 28, 4, 2048, 64, 8, []
-    k, v = (torch.randn(NL, 64, Hkv, L, D, device=dev, dtype=bf) for _ in range(2))  # [n_layers, S, Hkv, L, D]
-    for B in (1, 8, 32, 64):
-        slots = torch.randperm(64, device=dev)[:B].int()
-        lens = torch.randint(0, L - T, (B,), device=dev).int()
-        idx = torch.stack([torch.randperm(T, device=dev)[:A].sort().values for _ in range(B)]).int()  # [B, A]
-        alen = torch.randint(1, A + 1, (B,), device=dev).int()
-        c = dict(B=B, A=A, torch_us=t(lambda: compact_kv(k, v, slots, lens, idx, alen)) * 1e6,
-                 triton_us=t(lambda: compact_kv_triton(k, v, slots, lens, idx, alen)) * 1e6)
-        compact.append(c)
-        print(f"compact_kv B={B:2} A={A}: torch {c['torch_us']:.1f} us, triton {c['triton_us']:.1f} us")
-    k = v = None
     sampler = []
     for N, V in ((1, 151936), (64, 151936), (256, 151936), (64, 32000)):  # one pass over bf16 logits
         logits = torch.randn(N, V, device=dev, dtype=bf)
@@ -489,11 +555,19 @@ def bench():
         print(f"gumbel_argmax N={N:3} V={V}: {r['us']:.1f} us, {r['GBps']:.0f} GB/s ({r['frac_copy_bw']:.0%} of copy), "
               f"reference {r['ref_us']:.1f} us, identical {same}")
     print(json.dumps(dict(device=torch.cuda.get_device_name(), copy_GBps=copy_bw / 1e9, attention=rows,
-                          compact=compact, sampler=sampler)))
+                          sampler=sampler)))
 
 
 if __name__ == "__main__":
-    if "--bench" in sys.argv:
+    if "--compile" in sys.argv:
+        t0, rows = time.perf_counter(), compile_variants(full="--full" in sys.argv)
+        for r in rows:
+            print(f"{r['kernel']:22} sm_{r['arch']} regs {r['registers']:3} spills {r['spills']:4} B shared "
+                  f"{r['shared']:6} B  {r['variant']}{'  BAD: ' + '; '.join(r['bad']) if r['bad'] else ''}")
+        print(json.dumps(dict(triton=triton.__version__, variants=len(rows), seconds=round(time.perf_counter() - t0, 1),
+                              bad=[r for r in rows if r["bad"]])))
+        sys.exit(1 if any(r["bad"] for r in rows) else 0)
+    elif "--bench" in sys.argv:
         if not torch.cuda.is_available():
             print("--bench needs a CUDA GPU; none found, nothing to time.")
             sys.exit(0)
