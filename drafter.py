@@ -265,20 +265,12 @@ class SpotTrainer:
             e, self._error = self._error, None
             raise e
 
-    def train_until_all_done(self, step, group=None, idle_steps=0):
-        """This rank's rollout (of RL step `step`) is over: train (phase "idle") on its data until every rank's
-        is. An async all-reduce completes once the last rank posts it; it is polled before each step. Without
-        torch.distributed: `idle_steps` steps. Returns the idle steps run."""
+    def train_until(self, step, done):
+        """This rank's rollout (of RL step `step`) is over: train (phase "idle") on its data until done() (every
+        rank's is), checked before each step. Returns the idle steps run."""
         self.stop()
-        self.data_step = step
-        n0 = self.counts.get("idle_steps", 0)
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.ones(1, device=self.device if dist.get_backend(group) == "nccl" else "cpu")
-            work = dist.all_reduce(flag, group=group, async_op=True)
-            self._train_while("idle", lambda: not work.is_completed(), wait_for_data=True)
-            work.wait()
-        else:
-            self._train_while("idle", lambda: self.counts.get("idle_steps", 0) - n0 < idle_steps)
+        self.data_step, n0 = step, self.counts.get("idle_steps", 0)
+        self._train_while("idle", lambda: not done(), wait_for_data=True)
         self.stop()
         return self.counts.get("idle_steps", 0) - n0
 

@@ -253,8 +253,12 @@ class Transformer(RopeFP32):
     def logits(self, h):
         return self.lm_head(h)
 
-    def forward(self, input_ids):  # [B, T] -> logits [B, T, V]
-        return self.logits(self.hidden(input_ids))
+    def forward(self, input_ids, head=None):
+        """[B, T] -> logits [B, T, V], or head(h) of the final hidden states h [B, T, H] (chunked log-probs, say).
+        The way into a sharded (FSDP2) policy: a call gathers the root's weights (embedding, final norm, LM head)
+        once, whatever `head` does with them, so every rank issues the same collectives whatever its shapes."""
+        h = self.hidden(input_ids)
+        return self.logits(h) if head is None else head(h)
 
     def setup_cache(self, n_slots, max_len, dtype=None):
         dtype = dtype or self.embed_tokens.weight.dtype

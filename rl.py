@@ -154,29 +154,28 @@ def _chunk_logprobs(model, h, targets, temperature=1.0, top_p=1.0):
 
 
 def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0, top_p=1.0):
-    """logp[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]) and the hidden states h.
-    The trunk runs once; the head runs on about `chunk_tokens` tokens at a time (whole rows, a span of positions),
-    so the [B, T, V] fp32 logits (V ~ 150k) never exist at once: 4096 tokens are 2.5 GB. With grad on, each chunk
-    is checkpointed: backward recomputes its logits instead of keeping them all alive. `temperature`, `top_p`: the
-    log-probs of the distribution a rollout with these settings sampled from (spec_decode.sample): softmax(logits
-    / T), and with top_p < 1 renormalised over the nucleus, the smallest set of most likely tokens whose
-    probability reaches top_p. A sampled token is in its nucleus; a token that is not (a prompt or padding
-    position, or a sampled token that different numerics put just outside) is scored as if the nucleus also held
-    it, so every log-prob stays finite: -inf would turn the masked loss into nan (-inf * 0). top_p < 1 costs
-    about three more chunk-sized buffers (the sort): lower `chunk_tokens` if memory is tight.
-    Returns (logp [B, T-1], h [B, T, H])."""
-    h = model.hidden(input_ids)  # [B, T, H]
+    """logp[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]), [B, T-1], in one call of `model` (a sharded
+    policy gathers its root's weights once, whatever the chunks). The trunk runs once; the head runs on about
+    `chunk_tokens` tokens at a time (whole rows, a span of positions), so the [B, T, V] fp32 logits (V ~ 150k)
+    never exist at once: 4096 tokens are 2.5 GB. With grad on, each chunk is checkpointed: backward recomputes
+    its logits instead of keeping them all alive. `temperature`, `top_p`: the log-probs of the distribution a
+    rollout with these settings sampled from (spec_decode.sample): softmax(logits / T), and with top_p < 1
+    renormalised over the nucleus, the smallest set of most likely tokens whose probability reaches top_p. A
+    sampled token is in its nucleus; a token that is not (a prompt or padding position, or a sampled token that
+    different numerics put just outside) is scored as if the nucleus also held it, so every log-prob stays finite:
+    -inf would turn the masked loss into nan (-inf * 0). top_p < 1 costs about three more chunk-sized buffers (the
+    sort): lower `chunk_tokens` if memory is tight."""
     B, T = input_ids.shape
     chunk = max(1, chunk_tokens // B)  # positions per chunk
-    grad = torch.is_grad_enabled() and h.requires_grad
-    out = []
-    for s in range(0, T - 1, chunk):
-        e = min(s + chunk, T - 1)
-        args = (model, h[:, s:e], input_ids[:, s + 1:e + 1], temperature, top_p)
-        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
-                   else _chunk_logprobs(*args))
-    logp = torch.cat(out, 1) if out else h.new_zeros(input_ids.shape[0], 0)  # [B, T-1]
-    return logp, h
+
+    def head(h):  # h [B, T, H] -> [B, T-1]
+        grad, out = torch.is_grad_enabled() and h.requires_grad, []
+        for s in range(0, T - 1, chunk):
+            e = min(s + chunk, T - 1)
+            args = (model, h[:, s:e], input_ids[:, s + 1:e + 1], temperature, top_p)
+            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+        return torch.cat(out, 1) if out else h.new_zeros(B, 0)
+    return model(input_ids, head=head)
 
 
 # ----------------------------------------------------------------------------- data and prompts

@@ -17,6 +17,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import copy
+import datetime
 import io
 import itertools
 import json
@@ -1346,7 +1347,7 @@ def _drafter_rank(rank, world, port, out):
         trainer.train_step()
     if rank == 1:
         time.sleep(1.0)  # rank 1 finishes its rollout late: rank 0 trains meanwhile
-    idle = trainer.train_until_all_done(0)
+    idle = trainer.train_until(0, train.arrive())
     pre = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.sync()
     torch.save(dict(pre=pre, post=trainer.model.state_dict(), serving=trainer.serving.state_dict(), idle=idle),
@@ -1574,8 +1575,9 @@ class TinyLM(torch.nn.Module):
     def logits(self, h):
         return self.head(torch.tanh(h))
 
-    def forward(self, ids):
-        return self.logits(self.hidden(ids))
+    def forward(self, ids, head=None):
+        h = self.hidden(ids)
+        return self.logits(h) if head is None else head(h)
 
 
 # ----------------------------------------------------------------------------- answers and rewards
@@ -1765,18 +1767,17 @@ def test_token_logprobs_matches_full_logits(chunk_tokens):
     ids = torch.randint(0, 11, (2, 9))
     ref = model(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [2, 8]
     with torch.no_grad():
-        logp, h = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens)
-    assert logp.shape == (2, 8) and h.shape == (2, 9, 8)
-    assert torch.allclose(logp, ref, atol=1e-6) and torch.allclose(h, model.hidden(ids))
+        logp = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens)
+    assert logp.shape == (2, 8) and torch.allclose(logp, ref, atol=1e-6)
     # with grad (chunks checkpointed): same values and same gradients as the direct computation
-    logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens)
+    logp = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens)
     assert torch.allclose(logp, ref, atol=1e-6)
     g1 = torch.autograd.grad(logp.sum(), list(model.parameters()))
     g2 = torch.autograd.grad(ref.sum(), list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
     # at temperature T: the log-probs of softmax(logits / T), the distribution a rollout at T samples from
     with torch.no_grad():
-        logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=0.5)
+        logp = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=0.5)
     assert torch.allclose(logp, (model(ids)[:, :-1] / 0.5).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0],
                           atol=1e-5)
 
@@ -1802,13 +1803,13 @@ def test_token_logprobs_top_p(chunk_tokens):
     sizes, inside = nucleus.sum(-1), (nucleus & target).any(-1)
     assert 1 < sizes.min() and sizes.max() < 11 and inside.any() and not inside.all()  # a case of each kind
     ref = logits.masked_fill(~(nucleus | target), float("-inf")).log_softmax(-1)[target].view(2, 8)
-    logp, _ = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=temperature, top_p=top_p)
+    logp = rl.token_logprobs(model, ids, chunk_tokens=chunk_tokens, temperature=temperature, top_p=top_p)
     assert torch.isfinite(logp).all() and torch.allclose(logp, ref, atol=1e-5)
     g1 = torch.autograd.grad(logp.sum(), list(model.parameters()))
     g2 = torch.autograd.grad(ref.sum(), list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
     with torch.no_grad():  # same values without grad (no checkpointing)
-        assert torch.allclose(rl.token_logprobs(model, ids, chunk_tokens, temperature, top_p)[0], ref, atol=1e-5)
+        assert torch.allclose(rl.token_logprobs(model, ids, chunk_tokens, temperature, top_p), ref, atol=1e-5)
     # the nucleus is the one spec_decode.sample draws from
     drawn = torch.zeros_like(nucleus)
     for seed in range(30):
@@ -2069,39 +2070,49 @@ def test_update_clips_against_the_behaviour_policy_and_adds_the_kl(tiny, monkeyp
     calls, real = [], rl.policy_loss
 
     def spy(logp, old_logp, *a, ref_logp=None, **kw):
-        calls.append(((logp - old_logp).abs().max().item(), ref_logp is not None, kw.get("kl_coef")))
+        calls.append(((logp - old_logp).abs().max().item(), old_logp.clone(), ref_logp is not None, kw.get("kl_coef")))
         return real(logp, old_logp, *a, ref_logp=ref_logp, **kw)
     monkeypatch.setattr(rl, "policy_loss", spy)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     train.update(cfg, policy, ref, opt, samples, outputs, torch.tensor([1.0, -1.0, 1.0, -1.0]), world=1)
-    assert len(calls) == 3 and calls[0][0] < 1e-5 and calls[1][0] > 1e-3 and calls[2][0] > calls[1][0]
-    assert all(has_ref and coef == 0.1 for _, has_ref, coef in calls)
+    assert len(calls) == 3 and calls[0][0] < 1e-5 and calls[1][0] > 1e-3 and calls[2][0] > 1e-3
+    assert torch.equal(calls[0][1], calls[1][1]) and torch.equal(calls[0][1], calls[2][1])  # the rollout policy's
+    assert all(has_ref and coef == 0.1 for *_, has_ref, coef in calls)
 
 
-def update_case(tied, n=8, seed=0):
-    """A small policy and a batch of n responses with advantages, the same on every rank."""
+def update_case(tied, seed=0):
+    """A small policy and 8 responses with advantages, the same on every rank: the first 4 (rank 0's half) of
+    1-3 tokens, the last 4 (rank 1's) 10x longer, so that the ranks' micro-batches and LM-head chunks differ in
+    number and shape."""
     torch.manual_seed(seed)
     a = nanotlt.ModelArgs(vocab_size=40, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                           intermediate_size=96, tie_embeddings=tied)
     model = nanotlt.Transformer(a)
     g = random.Random(seed)
-    samples = [(i, {"ids": [g.randrange(2, 40) for _ in range(g.randint(2, 6))]}) for i in range(n)]
-    outputs = [[g.randrange(2, 40) for _ in range(g.randint(1, 9))] for _ in range(n)]
-    return model, samples, outputs, torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    samples = [(i, {"ids": [g.randrange(2, 40) for _ in range(g.randint(2, 6))]}) for i in range(8)]
+    outputs = [[g.randrange(2, 40) for _ in range(g.randint(1, 3) * (1 if i < 4 else 10))] for i in range(8)]
+    return model, samples, outputs, torch.randn(8, generator=torch.Generator().manual_seed(seed))
 
 
-def _fsdp_update_rank(rank, world, port, out, tied, kl, upr):
+def update_config(kl, upr):  # SGD at lr 1 with a small clip: the weights show the gradients, the ratios stay near 1
+    return train.Config(micro_batch_tokens=24, logprob_chunk=8, kl_coef=0.1 if kl else 0.0, updates_per_rollout=upr,
+                        grad_clip=0.05)
+
+
+def _fsdp_update_rank(rank, world, port, out, tied, kl, upr, checkpointing):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a mismatch of collectives across ranks is an error after a minute instead of a hang
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     model, samples, outputs, adv = update_case(tied)
+    model.grad_checkpointing = checkpointing
     ref = copy.deepcopy(model).requires_grad_(False) if kl else None
     policy, ref = train.shard(model, torch.device("cpu")), ref and train.shard(ref, torch.device("cpu"))
-    cfg = train.Config(micro_batch_tokens=24, kl_coef=0.1 if kl else 0.0, updates_per_rollout=upr, grad_clip=0.5)
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)
     mine = slice(rank * 4, rank * 4 + 4)  # each rank its half of the batch
-    loss = train.update(cfg, policy, ref, opt, samples[mine], outputs[mine], adv[mine], world)["loss"]  # the batch's
+    loss = train.update(update_config(kl, upr), policy, ref, opt, samples[mine], outputs[mine], adv[mine],
+                        world)["loss"]  # the batch's
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     infer = update_case(tied)[0]
     train.copy_weights(policy, infer)  # block by block into an unsharded inference copy
@@ -2110,20 +2121,22 @@ def _fsdp_update_rank(rank, world, port, out, tied, kl, upr):
     train.teardown()
 
 
-@pytest.mark.parametrize("tied,kl,upr", [(False, False, 1), (True, True, 2)])
-def test_fsdp_update_equals_one_process(tmp_path, tied, kl, upr):
-    """One update of a policy sharded with FSDP2 over 2 ranks (gloo), each with half the batch, gives the weights
-    of the plain one-process update on the whole batch: the loss is normalised once by the global token count
-    (gradients summed, never averaged twice), clipping sees the global norm, the KL's reference is sharded too,
-    and the block-by-block copy into the inference model is the full policy. SGD with lr 1, so the weights show
-    the gradients themselves."""
-    mp.spawn(_fsdp_update_rank, args=(2, free_port(), str(tmp_path / "r"), tied, kl, upr), nprocs=2)
+@pytest.mark.parametrize("tied,kl,upr,checkpointing", [(False, False, 1, False), (True, True, 2, True)])
+def test_fsdp_update_equals_one_process(tmp_path, tied, kl, upr, checkpointing):
+    """One update of a policy sharded with FSDP2 over 2 ranks (gloo), each with half the batch, one half 10x
+    longer than the other (more micro-batches, other LM-head chunks), gives the weights of the plain one-process
+    update on the whole batch: every rank issues the same collectives whatever its shapes (else a timeout or a
+    mismatch fails the ranks), the loss is normalised once by the global token count (gradients summed, never
+    averaged twice), clipping sees the global norm, the KL's reference is sharded too, and the block-by-block
+    copy into the inference model is the full policy. Tolerances: fp32 sums over ~100 O(1) terms in different
+    orders (a few 1e-6 relative)."""
+    mp.spawn(_fsdp_update_rank, args=(2, free_port(), str(tmp_path / "r"), tied, kl, upr, checkpointing), nprocs=2)
     got = torch.load(tmp_path / "r", weights_only=True)
     model, samples, outputs, adv = update_case(tied)
     ref = copy.deepcopy(model).requires_grad_(False) if kl else None
-    cfg = train.Config(micro_batch_tokens=24, kl_coef=0.1 if kl else 0.0, updates_per_rollout=upr, grad_clip=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = train.update(cfg, model, ref, torch.optim.SGD(model.parameters(), lr=1.0), samples, outputs, adv, 1)["loss"]
+    loss = train.update(update_config(kl, upr), model, ref, torch.optim.SGD(model.parameters(), lr=1.0), samples,
+                        outputs, adv, 1)["loss"]
     assert abs(got["loss"] - loss) <= 1e-5 * max(1.0, abs(loss))
     for k, v in model.state_dict().items():
         assert not torch.equal(v, before[k]) or "norm" in k
@@ -2186,6 +2199,56 @@ def test_two_ranks_resume_exactly_from_a_sharded_checkpoint(tiny_cache, tmp_path
         assert torch.equal(full["policy"][k], resumed["policy"][k]), k
     for pid, st in full["optim"]["state"].items():
         assert all(torch.equal(v, resumed["optim"]["state"][pid][n]) for n, v in st.items()), pid
+
+
+def run_ranks(argv, env=None, world=2, prelude="", timeout=240):
+    """train.py as `world` separate processes (gloo, RANK etc. as torchrun sets them), `prelude` run first in
+    each; returns [(returncode, stderr)] per rank."""
+    here, port = os.path.dirname(os.path.abspath(train.__file__)), str(free_port())
+    code = prelude + "import runpy, sys; sys.argv = ['train.py'] + sys.argv[1:]; runpy.run_path('train.py', " \
+                     "run_name='__main__')"
+    procs = [subprocess.Popen([sys.executable, "-c", code, *argv], cwd=here, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, **(env or {}), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo",
+                                       OMP_NUM_THREADS="1"))
+             for r in range(world)]
+    try:
+        return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error(tiny_cache, tmp_path):
+    """Rank 1 raises in its first step, after its rollout, while rank 0 goes on into the update's collectives:
+    both ranks end, within the collectives' timeout, each with rank 1's error on one line, none hangs."""
+    prelude = ("import rl, torch.distributed as dist\nreal = rl.rollout_rewards\n"
+               "def planted(*a):\n    if dist.get_rank() == 1: raise ValueError('planted failure')\n"
+               "    return real(*a)\nrl.rollout_rewards = planted\n")
+    t0 = time.perf_counter()
+    ranks = run_ranks(SMALL + ["--steps", "2", "--dist_timeout_s", "20", "--out", str(tmp_path / "o")],
+                      prelude=prelude, timeout=150)
+    assert time.perf_counter() - t0 < 150  # the timeout plus start-up, not a hang (run_ranks would raise)
+    (rc0, err0), (rc1, err1) = ranks
+    assert rc1 == 1 and err1.strip().splitlines()[-1] == "error: planted failure", err1[-500:]
+    assert rc0 == 1 and err0.strip().splitlines()[-1] == "error: rank 1 failed: ValueError: planted failure", \
+        err0[-500:]
+
+
+def test_torchrun_two_ranks_finish_and_resume(tiny_cache, tmp_path):
+    """`torchrun --nproc_per_node 2 train.py`, the tiny preset's defaults (each rank's long-tailed rollouts differ in
+    length, so do its micro-batches), finishes 3 steps and resumes from the checkpoint of the last for a 4th; a
+    smaller eval (64 prompts) keeps it short."""
+    here, out = os.path.dirname(os.path.abspath(train.__file__)), str(tmp_path / "o")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "train.py", "--eval_prompts", "64", "--out", out]
+    for extra in (["--steps", "3"], ["--steps", "4", "--resume"]):
+        p = subprocess.run(torchrun + extra, cwd=here, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
+        assert p.returncode == 0, p.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [0, 1, 2, 3, 4], steps  # step 4: the final evaluation
 
 
 class PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):

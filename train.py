@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -58,6 +59,7 @@ class Config:
     grad_clip: float = 1.0
     updates_per_rollout: int = 1  # > 1: the clipped ratio (eps_low 0.2, eps_high 0.28) comes into play
     micro_batch_tokens: int = 32768
+    logprob_chunk: int = 4096  # tokens whose fp32 logits the LM head makes at a time in the update (memory)
     kl_coef: float = 0.0  # > 0: k3 KL against the frozen initial policy
     mask_truncated: bool = True
     sd: str = "on"  # "off": the baseline, everything else equal
@@ -73,6 +75,7 @@ class Config:
     log: str = ""  # also log to an experiment tracker: wandb or tensorboard (installed separately)
     save_every: int = 20
     seed: int = 0
+    dist_timeout_s: int = 600  # several ranks: a collective waiting longer is an error (a hang, a failed rank)
     resume: bool = False
     bench: bool = False
     cuda_graphs: bool = True
@@ -144,16 +147,63 @@ def parse_args(argv):
 # setup
 
 
-def setup_distributed():
+def setup_distributed(timeout_s=600):
+    """The process group; `timeout_s` bounds each collective. Every rank runs the collectives in lockstep (the same
+    ones in the same order, whatever its data), and rank-local work of any length (a rollout, an evaluation, a
+    checkpoint that rank 0 writes) ends in `arrive`, a rendezvous on the group's store, not in a collective: the
+    timeout then only ever measures lockstep work, and a mismatch becomes an error naming the collective."""
     if "RANK" not in os.environ:
         return 0, 1
     if not torch.cuda.is_available():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # machines without a network interface
-    # long first steps (kernel compilation, graph capture, 8k-token tails) must not trip the default 10-minute timeout
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    if dev is not None:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev is not None else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=dev)
     return dist.get_rank(), dist.get_world_size()
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed first: its error, ending this rank too."""
+
+
+_ERROR, _arrivals = "nanotlt/error", itertools.count()
+
+
+def arrive():
+    """This rank reached the next rendezvous. Returns all_arrived(): True once every rank has; it raises
+    RankFailed if a rank failed meanwhile (see fail_together). Polled, so a rank can work while it waits."""
+    if not dist.is_initialized():
+        return lambda: True
+    store, world, key = dist.distributed_c10d._get_default_store(), dist.get_world_size(), f"nanotlt/{next(_arrivals)}"
+    store.add(key, 1)
+
+    def all_arrived():
+        if store.check([_ERROR]):
+            raise RankFailed(store.get(_ERROR).decode())
+        return store.add(key, 0) >= world
+    return all_arrived
+
+
+def wait_all():
+    """Block until every rank gets here (a barrier with no timeout, that ends when another rank fails)."""
+    all_arrived = arrive()
+    while not all_arrived():
+        time.sleep(0.01)
+
+
+def fail_together(e):
+    """The error this rank ends with: the first one any rank reported. This rank's own is posted on the store,
+    where the others' rendezvous see it at once, and a rank whose collective timed out reads it."""
+    if not dist.is_initialized() or isinstance(e, RankFailed):
+        return e
+    mine = f"rank {dist.get_rank()} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    try:
+        first = dist.distributed_c10d._get_default_store().compare_set(_ERROR, "", mine).decode()
+    except Exception:  # the store is gone (its host exited): this rank's own error it is
+        return e
+    return e if first == mine else RankFailed(first)
 
 
 def all_reduce(x, op=None):  # a no-op in a single process
@@ -174,11 +224,11 @@ def load_models(cfg, device, world):
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if cfg.model.split(":")[0] == "tiny":  # "tiny", or "tiny:SHAPE": a model of another shape on the tiny task
         if not first:
-            barrier()
+            wait_all()
         policy, tok, data_dir = nanotlt.tiny_preset(nanotlt.cache_dir(), device="cpu" if world > 1 else device,
                                                     shape=cfg.model.partition(":")[2] or "tiny")
         if first:
-            barrier()
+            wait_all()
         if cfg.dataset == "tiny":
             cfg.dataset = nanotlt.tiny_rl_prompts(data_dir)
             cfg.eval_dataset = cfg.eval_dataset or os.path.join(data_dir, "test.jsonl")
@@ -286,14 +336,14 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
     batches += [[([0, 0], 1, 0, 0.0)]] * (n - len(batches))
     with torch.no_grad():  # the behaviour policy (for the clipped ratio) and the frozen reference (for the KL)
         T = cfg.temperature or 1.0  # greedy rollouts: plain log-probs
-        lp = lambda model: [logprobs(model, b, device, T, cfg.top_p)[0] for b in batches]
+        lp = lambda model: [logprobs(model, b, device, T, cfg.top_p, cfg.logprob_chunk)[0] for b in batches]
         old = lp(policy) if cfg.updates_per_rollout > 1 else None
         refs = lp(ref) if ref is not None else None
     # summed over this rank's micro-batches: loss; over its response tokens: clipped, KL, -log p
     sums = torch.zeros(4, device=device)
     for _ in range(cfg.updates_per_rollout):
         for j, b in enumerate(batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
-            logp, mask, a = logprobs(policy, b, device, T, cfg.top_p)
+            logp, mask, a = logprobs(policy, b, device, T, cfg.top_p, cfg.logprob_chunk)
             loss, m = rl.policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
                                      ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
             loss.backward()
@@ -311,7 +361,7 @@ def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
                 entropy=sums[3] / max(1, tokens), grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
 
 
-def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0):
+def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0, chunk_tokens=4096):
     """Log-probs of the response tokens under softmax(logits / temperature) within the top-p nucleus, the
     distribution the rollout sampled from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute
     is bf16 (FSDP2's mixed precision, or autocast for a single rank)."""
@@ -322,7 +372,7 @@ def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0):
         ids[b, :len(toks)] = torch.tensor(toks)
         mask[b, start - 1:start - 1 + n] = 1
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not is_sharded(policy)):
-        logp, _ = rl.token_logprobs(policy, ids.to(device), temperature=temperature, top_p=top_p)
+        logp = rl.token_logprobs(policy, ids.to(device), chunk_tokens, temperature, top_p)
     return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
 
 
@@ -334,14 +384,13 @@ def is_sharded(model):
 def shard(model, device):
     """FSDP2 over all ranks: each block is a unit, the root (embedding, final norm, head, tied or not) the last.
     On a GPU the compute is bf16 and gradients are reduced in fp32. Gradients are summed, not averaged: the loss
-    is already divided by the global token count. `hidden` and `logits` gather the root's weights like forward."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    is already divided by the global token count. The policy is only ever called whole (rl.token_logprobs), so each
+    micro-batch gathers the root's weights once on every rank."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    for name in ("hidden", "logits"):
-        register_fsdp_forward_method(model, name)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -386,6 +435,7 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
             for i in range(0, len(mine), per):
                 outs, samples, _ = rollout(k, infer, tok, mine[i:i + per], drafter, None, None, -1, **cache)
                 sums[1] += float(score(cfg, tok, outs, samples).sum())
+    wait_all()  # the ranks' evaluations take different times
     s = all_reduce(sums.to(device)).tolist()
     out = dict(eval_accuracy=s[0] / len(rows))
     if cfg.eval_samples:
@@ -396,11 +446,6 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints: written by rank 0 into a temporary directory, then renamed, so a crash mid-save never leaves
 # a checkpoint that loads half; read back without unpickling arbitrary objects (safetensors, weights_only)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 RESUME_SAME = ("prompts_per_step", "group_size", "seed")  # a resumed run must keep these (checked)
@@ -417,7 +462,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
+    wait_all()
     weights, optim = get_state_dict(policy, opt)
     dcp.save({"policy": weights, "optim": optim}, checkpoint_id=os.path.join(tmp, "state"))
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -433,7 +478,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     os.makedirs(mine, exist_ok=True)
     torch.save({"torch_rng": torch.get_rng_state(), "python_rng": nanotlt.rng_state(),
                 "bandit": bandit and bandit.state_dict()}, os.path.join(mine, "rng.pt"))
-    barrier()
+    wait_all()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -443,7 +488,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
         done = sorted(d for d in os.listdir(os.path.join(cfg.out, "ckpt")) if d.startswith("step_") and "." not in d)
         for old in done[:-2]:
             shutil.rmtree(os.path.join(cfg.out, "ckpt", old))  # keep the last two
-    barrier()
+    wait_all()
 
 
 def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
@@ -573,7 +618,7 @@ def training(cfg, rank=0, world=1, log=print):
                                        trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty(), **cache)
         rollout_end = time.perf_counter() - t0
         if trainer is not None:
-            trainer.train_until_all_done(step)  # this rank is done: keep training until every rank is
+            trainer.train_until(step, arrive())  # this rank is done: keep training until every rank is
             trainer.top_up(step, cfg.drafter_min_steps)  # ends with the trainer stopped
         idle_end = time.perf_counter() - t0
         rewards = score(cfg, tok, outputs, samples)
@@ -926,27 +971,33 @@ def main(argv):
             print(f"  {k:22} {v:8.2f} GiB")
         print(json.dumps(dict(model=cfg.model, **plan)))
         return
-    rank, world = setup_distributed()
+    rank, world = setup_distributed(cfg.dist_timeout_s)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"nanotlt: {cfg.preset} preset ({why})")
-    if cfg.bench:
-        result = bench(cfg, rank, world, log)
-        log(json.dumps(result))
-    else:
-        train(cfg, rank, world, log)
+    try:
+        if cfg.bench:
+            result = bench(cfg, rank, world, log)
+            log(json.dumps(result))
+        else:
+            train(cfg, rank, world, log)
+    except Exception as e:
+        err = fail_together(e)
+        if err is e:
+            raise
+        raise err from None  # another rank failed first: its error
     teardown()
 
 
 def teardown():
     """Every rank arrives before any closes its connections: gloo aborts a rank whose peer hung up mid-teardown."""
     if dist.is_initialized():
-        dist.barrier()
+        wait_all()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
