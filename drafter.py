@@ -1,23 +1,14 @@
-"""drafter.py: the EAGLE-style drafter and its spot trainer (DESIGN.md §4 "Drafter", "Spot trainer").
+"""drafter.py: the EAGLE drafter's training: its loss, the step-tagged data buffer, the spot trainer that trains it
+in the rollout's tail and idle time, and offline training on text the target writes itself.
 
-The drafter (EAGLE-1, nanotlt.Drafter) is one decoder layer that reads the target's last hidden state h_t
-after its final norm and the embedding of the next token x_{t+1}, and predicts h_{t+1}; the target's own frozen
-LM head turns that into draft tokens. It learns online from hidden states the rollout computes anyway:
-`DraftBuffer` keeps them per RL step, `drafter_loss` scores packed windows, `SpotTrainer` trains a copy of the
-serving drafter in the rollout's tail and idle time and averages the copies across ranks.
-
-    python drafter.py [--model NAME_OR_PATH|smollm2] [--minutes M] [--engine sglang|vllm] [--out DIR]
-
-trains one offline on text the target generates itself; the last line (JSON) gives the acceptance length
-before and after. The export (DIR/config.json + DIR/model.safetensors) is an EAGLE-1 checkpoint for SGLang or
-vLLM.
+The drafter (EAGLE-1, nanotlt.Drafter) is one decoder layer that reads the target's last hidden state h_t after its
+final norm and the embedding of the next token x_{t+1}, and predicts h_{t+1}; the target's own frozen LM head turns
+that into draft tokens. It learns online from hidden states the rollout computes anyway: `DraftBuffer` keeps them
+per RL step, `drafter_loss` scores packed windows, `SpotTrainer` trains a copy of the serving drafter while the
+rollout runs and averages the copies across ranks. `python bench.py drafter` trains one offline and exports it.
 """
-import argparse
-import copy
-import json
 import os
 import random
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -27,8 +18,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
-from nanotlt import ENGINES, Ctx, Drafter, export_eagle, rng_state, save_safetensors, set_rng_state
+from nanotlt import Ctx, Drafter, rng_state, save_safetensors, set_rng_state
+from spec_decode import Arm, Engine, Sampling
 
 
 def soft_ce(target, pred, want):
@@ -39,38 +32,29 @@ def soft_ce(target, pred, want):
     return -(p * torch.log_softmax(F.linear(pred, target.lm_head.weight.detach()).float(), -1)).sum(-1)
 
 
-NOISE = ("uniform", "gaussian", "none")
+def add_noise(h, scale, generator=None):
+    """EAGLE's augmentation of the input features, so that the drafter copes with its own imperfect features when
+    it drafts several tokens ahead: uniform noise in [-scale/2, scale/2] (EAGLE: scale 0.2 x 512 / L for a sequence
+    of L tokens, +-0.1 at L = 512; ours does not shrink with the packed length)."""
+    n = torch.rand(h.shape, generator=generator, device=h.device, dtype=torch.float32)
+    return h + ((n - 0.5) * scale).to(h.dtype) if scale else h
 
 
-def add_noise(h, kind, scale, generator=None):
-    """EAGLE's augmentation of the input features, so that the drafter copes with its own imperfect features
-    when it drafts several tokens ahead: uniform noise in [-scale/2, scale/2] (EAGLE: scale 0.2 x 512 / L for a
-    sequence of L tokens, ±0.1 at L = 512; ours does not shrink with the packed length) or Gaussian noise of
-    std `scale`."""
-    if kind == "none" or not scale:
-        return h
-    if kind not in NOISE:
-        raise ValueError(f"unknown noise {kind!r} (choose {', '.join(NOISE)})")
-    r = torch.rand if kind == "uniform" else torch.randn
-    n = r(h.shape, generator=generator, device=h.device, dtype=torch.float32)
-    return h + ((n - 0.5 if kind == "uniform" else n) * scale).to(h.dtype)
-
-
-def drafter_loss(drafter, tokens, hidden, loss_mask, positions=None, attn_mask=None, ce_weight=0.1, noise=None,
+def drafter_loss(drafter, tokens, hidden, loss_mask, positions=None, attn_mask=None, ce_weight=0.1, noise=0.0,
                  ce_tokens=None, generator=None):
     """tokens [B, N], hidden [B, N, H] (the target's feature f_t at token t), loss_mask [B, N] (x_t is a response
     token), positions [B, N], attn_mask [B, 1, N, N] bool (None: causal). The pair (x_{t+1}, f_t) at position t
     predicts f_{t+1}. Packed, the pair straddling two samples predicts the next one's first token (which
     DraftBuffer.batch gives no loss) and is last in its block (nobody attends to it), so packing changes nothing.
-    EAGLE's loss: SmoothL1(f_pred, f) + ce_weight x soft cross-entropy against the target's softmax, with
-    `noise` = (kind, scale) added to the input features (see add_noise). The cross-entropy runs the LM head
+    EAGLE's loss: SmoothL1(f_pred, f) + ce_weight x soft cross-entropy against the target's softmax, with uniform
+    noise of width `noise` added to the input features (see add_noise). The cross-entropy runs the LM head
     over the vocabulary twice per token, most of a step on a CPU: `ce_tokens` takes it on that many random
     predicted tokens, rescaled to the whole (the same loss in expectation).
     Returns (loss summed over the predicted response tokens, their number)."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     ctx = None if attn_mask is None else Ctx(mask=attn_mask[..., :-1, :-1])
-    f_in = hidden[:, :-1] if noise is None else add_noise(hidden[:, :-1], *noise, generator=generator)
+    f_in = add_noise(hidden[:, :-1], noise, generator)
     pred = drafter.hidden(tokens[:, 1:], f_in, positions[:, :-1], ctx)  # [B, N-1, H]
     m = loss_mask[:, 1:].bool()
     pred, want = pred[m], hidden[:, 1:][m].to(pred.dtype)  # [n, H]: only response tokens reach the head
@@ -93,13 +77,12 @@ class DraftBuffer:
 
     def __init__(self, max_tokens=1 << 21, dtype=None):
         self.max_tokens, self.dtype, self.pin = max_tokens, dtype, torch.cuda.is_available()
-        self.steps, self.n_tokens, self.count = {}, 0, 0  # step -> {key: (tokens, hidden, n_prompt)}
+        self.steps, self.n_tokens = {}, 0  # step -> [(tokens, hidden, n_prompt)]
         self.lock = threading.Lock()  # the rollout adds while the trainer thread samples
 
-    def add(self, step, tokens, hidden, n_prompt, key=None):
+    def add(self, step, tokens, hidden, n_prompt):
         """`hidden` may lack the last token's state (the engine's on_finish): that token is dropped, it has
-        nothing to predict. Adding again under the same (step, key) replaces: the log-prob pass may re-add
-        what the rollout gave."""
+        nothing to predict."""
         n = min(len(tokens), len(hidden))
         if n <= n_prompt:  # no response token to learn from
             return
@@ -107,14 +90,11 @@ class DraftBuffer:
             tok = tokens[:n].detach().to("cpu", torch.long, copy=True)
             h = hidden[:n].detach().to("cpu", self.dtype or hidden.dtype, copy=True)  # [n, H]
         with self.lock:
-            self.count += 1
-            samples, key = self.steps.setdefault(step, {}), ("auto", self.count) if key is None else key
-            old = samples.pop(key, None)
-            samples[key] = (tok, h, n_prompt)
-            self.n_tokens += n - (0 if old is None else len(old[0]))
+            self.steps.setdefault(step, []).append((tok, h, n_prompt))
+            self.n_tokens += n
             while self.n_tokens > self.max_tokens and sum(map(len, self.steps.values())) > 1:
                 first = min(self.steps)
-                self.n_tokens -= len(self.steps[first].pop(next(iter(self.steps[first])))[0])
+                self.n_tokens -= len(self.steps[first].pop(0)[0])
                 if not self.steps[first]:
                     del self.steps[first]
 
@@ -128,7 +108,7 @@ class DraftBuffer:
         that predicts it straddles two samples. Returns drafter_loss's keyword arguments ([R, N]: rows padded to
         the longest), or None."""
         with self.lock:
-            pool = [s for k in (step - 1, step) for s in self.steps.get(k, {}).values()]
+            pool = [s for k in (step - 1, step) for s in self.steps.get(k, [])]
         rng.shuffle(pool)
         W, rows = min(row_tokens, max_tokens), []
         for _ in range(max(1, max_tokens // W)):
@@ -170,8 +150,8 @@ class SpotTrainer:
     runs; the serving drafter changes only in `sync` and `load`, between rollouts. Steps are counted per
     phase: "tail" (during the rollout), "idle" (this rank done, others not), "topup" (after the rollout)."""
 
-    def __init__(self, serving, lr=3e-4, max_tokens=8192, buffer_tokens=1 << 21, ckpt_dir=None, ckpt_every=0,
-                 grad_clip=1.0, weight_decay=0.0, seed=0, noise=("uniform", 0.2), ce_tokens=None):
+    def __init__(self, serving, lr=3e-4, max_tokens=8192, buffer_tokens=1 << 21, grad_clip=1.0, weight_decay=0.0,
+                 seed=0, noise=0.2, ce_tokens=None):
         self.serving, self.device, dtype = serving, serving.fc.weight.device, serving.fc.weight.dtype
         # fp32 master weights (a bf16 weight would round most AdamW updates away), bf16 compute under autocast
         self.model = Drafter.from_target(serving.target, fc_bias=serving.fc.bias is not None).float()
@@ -182,13 +162,10 @@ class SpotTrainer:
         self.max_tokens, self.grad_clip, self.rng = max_tokens, grad_clip, random.Random(seed)
         self.noise, self.ce_tokens = noise, ce_tokens
         self.gen = torch.Generator(self.device).manual_seed(seed)  # noise and the CE's tokens: not the global RNG
-        self.ckpt_dir, self.ckpt_every = ckpt_dir, ckpt_every
         self.data_step, self.phase, self.opt_steps = 0, "tail", 0
         # the lowest priority: the rollout's kernels (on a high-priority stream) go first
         self.stream = torch.cuda.Stream(self.device, priority=0) if self.device.type == "cuda" else None
-        self._stop, self._thread, self._saver, self._error = threading.Event(), None, None, None
-        self._lock = threading.Lock()  # one optimizer step or one checkpoint snapshot at a time
-        self._save_lock = threading.Lock()  # one save in flight
+        self._stop, self._thread, self._error = threading.Event(), None, None
         self.stats()
 
     def stats(self):
@@ -206,23 +183,19 @@ class SpotTrainer:
         b = self.buffer.batch(self.data_step, self.max_tokens, self.rng, self.device)
         if b is None:
             return False
-        with self._lock:
-            with self.autocast():
-                loss_sum, n = drafter_loss(self.model, **b, noise=self.noise, ce_tokens=self.ce_tokens,
-                                           generator=self.gen)
-            loss = loss_sum / n.clamp(min=1)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.opt.step()
-            self.opt_steps += 1
-            loss = loss.item()  # one host sync per step: the thread never runs ahead, so a stop waits one step
+        with self.autocast():
+            loss_sum, n = drafter_loss(self.model, **b, noise=self.noise, ce_tokens=self.ce_tokens, generator=self.gen)
+        loss = loss_sum / n.clamp(min=1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt_steps += 1
+        loss = loss.item()  # one host sync per step: the thread never runs ahead, so a stop waits one step
         key = (phase or self.phase) + "_steps"
         self.counts[key] = self.counts.get(key, 0) + 1
         self.losses.append(loss)
         self.train_s += time.perf_counter() - t0
-        if self.ckpt_dir and self.ckpt_every and self.opt_steps % self.ckpt_every == 0:
-            self.save_async(self.ckpt_dir)
         return True
 
     def _train_while(self, phase, more, wait_for_data=False):
@@ -295,110 +268,49 @@ class SpotTrainer:
             p.copy_(v.view_as(p))
             s.copy_(v.view_as(s))
 
-    # Checkpoints: model.safetensors (the trainable weights, EAGLE names) + trainer.pt (optimizer, steps, rng),
-    # each written to a temporary file, then renamed. At most one save in flight: a new one waits for it.
-
-    def save_async(self, path):
-        with self._save_lock:
-            self.wait()
-            with self._lock:  # between two optimizer steps: a consistent snapshot
-                weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-                state = dict(opt=copy.deepcopy(self.opt.state_dict()), opt_steps=self.opt_steps,
-                             data_step=self.data_step, rng=rng_state(self.rng), gen=self.gen.get_state())
-            self._saver = threading.Thread(target=write_checkpoint, args=(path, weights, state))
-            self._saver.start()
-
-    def wait(self):
-        saver = self._saver
-        if saver is not None:
-            saver.join()
-
     def save(self, path):
-        self.save_async(path)
-        self.wait()
+        """model.safetensors (the trainable weights, EAGLE names) and trainer.pt (optimizer, steps, RNG), each
+        written to a temporary file, then renamed."""
+        self.stop()
+        os.makedirs(path, exist_ok=True)
+        state = dict(opt=self.opt.state_dict(), opt_steps=self.opt_steps, data_step=self.data_step,
+                     rng=rng_state(self.rng), gen=self.gen.get_state())
+        meta = {"opt_steps": str(self.opt_steps)}  # load() checks that both files are from the same step
+        for name, write in (("trainer.pt", lambda f: torch.save(state, f)),
+                            ("model.safetensors", lambda f: save_safetensors(self.model.state_dict(), f, meta))):
+            write(os.path.join(path, name + ".tmp"))
+            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
 
     def load(self, path):
         """Restore the weights (training copy and serving drafter), optimizer state, steps and sampler rng."""
         from safetensors import safe_open
         self.stop()
-        self.wait()
         state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
         with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
             if int(f.metadata()["opt_steps"]) != state["opt_steps"]:
                 raise ValueError(f"{path}: model.safetensors and trainer.pt are from different steps")
             weights = {k: f.get_tensor(k) for k in f.keys()}
-        with self._lock:
-            self.model.load_state_dict(weights)
-            self.serving.load_state_dict(weights)
-            self.opt.load_state_dict(state["opt"])
-            self.opt_steps, self.data_step = state["opt_steps"], state["data_step"]
-            set_rng_state(state["rng"], self.rng)
-            self.gen.set_state(state["gen"])
-
-
-def write_checkpoint(path, weights, state):
-    os.makedirs(path, exist_ok=True)
-    meta = {"opt_steps": str(state["opt_steps"])}  # load() checks that both files are from the same step
-    for name, write in (("trainer.pt", lambda f: torch.save(state, f)),
-                        ("model.safetensors", lambda f: save_safetensors(weights, f, meta))):
-        write(os.path.join(path, name + ".tmp"))
-        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        self.model.load_state_dict(weights)
+        self.serving.load_state_dict(weights)
+        self.opt.load_state_dict(state["opt"])
+        self.opt_steps, self.data_step = state["opt_steps"], state["data_step"]
+        set_rng_state(state["rng"], self.rng)
+        self.gen.set_state(state["gen"])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Offline training: the target writes its own training text (self-distillation), the drafter learns it.
-
-_TEMPLATES = ("Explain how {} works.", "Write a short story about {}.", "What are the pros and cons of {}?",
-              "Give me three practical tips about {}.", "Describe {} to a ten-year-old.", "Write a poem about {}.",
-              "What is the history of {}?", "Write a short email to a friend about {}.",
-              "What are common misconceptions about {}?", "Plan a one-day lesson about {}.")
-_SUBJECTS = ("rainbows", "the moon", "bicycles", "volcanoes", "a lighthouse", "coffee", "photosynthesis",
-             "the internet", "chess", "vaccines", "honey bees", "the ocean", "electric cars", "gardening", "libraries",
-             "friendship", "recycling", "the Roman Empire", "airplanes", "jazz", "earthquakes", "bread baking",
-             "solar panels", "penguins", "the printing press", "running a marathon", "black holes", "origami",
-             "public transport", "the water cycle", "learning a language", "dinosaurs", "video games", "tea",
-             "mountains", "museums", "robots", "rivers", "the Olympic Games", "cats", "dogs", "rain forests",
-             "recipes for soup", "time zones", "the human heart", "money", "trees", "saving energy",
-             # held out: the CLI measures acceptance on these subjects only
-             "the stock market", "snow", "a haunted house", "spiders", "the Eiffel Tower", "sleep", "glass",
-             "pirates")
-_HELD_OUT = 8
-
-
-def builtin_prompts(held_out=False):
-    """Offline prompts for the offline CLI: templates x subjects, and small arithmetic word problems; the
-    held-out set shares no subject and no number pair with the training set."""
-    subjects = _SUBJECTS[-_HELD_OUT:] if held_out else _SUBJECTS[:-_HELD_OUT]
-    out = [t.format(s) for s in subjects for t in _TEMPLATES]
-    rng = random.Random(1 if held_out else 0)
-    for _ in range(len(subjects)):  # a math flavour, as RL prompts have
-        a, b = rng.randint(11, 99), rng.randint(11, 99)
-        if (a % 2 == 0) == held_out:  # even a: train, odd a: held out
-            out.append(f"I have {a} apples and buy {b} more. How many do I have now? Think step by step.")
-    random.Random(2).shuffle(out)
-    return out
-
-
-def load_prompt_texts(source):
-    """Prompt texts from "builtin", a .jsonl/.json file with a prompt (question, problem, instruction) field, or
-    a dataset name."""
-    if source == "builtin":
-        return builtin_prompts()
-    import rl
-    return [r["prompt"] for r in rl.load_rows(source, answers=False)[0]]
+# offline: the target writes its own training text (self-distillation), the drafter learns it
 
 
 def self_generated(target, prompts, max_new, eos, seed=0, temperature=1.0, batch=None, progress=False):
     """The target's own responses with its features: yields (tokens, hidden, n_prompt), generated in batches of
     rows (only one batch's features wait here at a time: the caller keeps what it wants)."""
-    from spec_decode import generate
-    from tqdm import tqdm
-    batch = batch or (256 if target.inv_freq.is_cuda else 64)
+    batch, engine = batch or (256 if target.inv_freq.is_cuda else 64), Engine(target)
     with tqdm(total=len(prompts), desc="self-distillation data", disable=not progress) as bar:
         for i in range(0, len(prompts), batch):
             chunk, data = prompts[i:i + batch], []
-            generate(target, chunk, max_new, temperature=temperature, seed=seed + i, eos_id=eos,
-                     on_finish=lambda j, t, h: data.append((t.cpu(), h.cpu(), len(chunk[j]))))
+            engine.generate(chunk, max_new, Sampling(temperature, seed=seed + i), eos,
+                            on_finish=lambda j, t, h: data.append((t.cpu(), h.cpu(), len(chunk[j]))))
             bar.update(len(chunk))
             yield from data
 
@@ -408,7 +320,6 @@ def train_offline(target, prompts, eos, steps=400, lr=3e-3, batch_tokens=2048, m
     """A drafter trained on the target's own responses to `prompts` (self-distillation), with the learning rate
     decaying linearly to 10% over `steps` (or over `minutes` of training, whichever ends first). `init`: a
     drafter to start from. Returns the trainer; its serving drafter holds the trained weights."""
-    from tqdm import tqdm
     trainer = SpotTrainer(init or Drafter.from_target(target), lr=lr, max_tokens=batch_tokens, **trainer_kw)
     for tokens, hidden, n_prompt in self_generated(target, prompts, max_new, eos, temperature=temperature,
                                                    progress=progress):
@@ -430,73 +341,10 @@ def train_offline(target, prompts, eos, steps=400, lr=3e-3, batch_tokens=2048, m
     return trainer
 
 
-def accept_len(target, drafter, prompts, max_new, eos, depth=6, topk=4, verify=16):
+FIXED_TREE = Arm("model", 6, 4, 16)  # how acceptance is measured: one tree shape, the bandit's choices apart
+
+
+def accept_len(target, drafter, prompts, max_new, eos, arm=FIXED_TREE):
     """Tokens committed per row per verify step, greedy, one fixed tree shape, SD from the first token."""
-    from spec_decode import generate
-    return generate(target, prompts, max_new, eos_id=eos, drafter=drafter, sd_threshold=len(prompts),
-                    draft_depth=depth, draft_topk=topk, verify_tokens=verify)[1]["accept_len"]
-
-
-def main():
-    import nanotlt
-    import rl
-    ap = argparse.ArgumentParser(description="Train an EAGLE drafter offline on the target's own text.")
-    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint, or smollm2 (default: the tiny offline preset)")
-    ap.add_argument("--prompts", default="builtin", help="a .jsonl with a prompt field, a dataset name, or builtin "
-                    "(offline: templates x subjects, acceptance measured on held-out subjects)")
-    ap.add_argument("--n_prompts", type=int, help="train on this many prompts (default: all; tiny: 512)")
-    ap.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts the acceptance is measured on")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--minutes", type=float, help="stop training after this many minutes (data generation apart)")
-    ap.add_argument("--out", default="out/drafter")
-    ap.add_argument("--engine", default="sglang", choices=ENGINES, help="whose config.json the export carries")
-    ap.add_argument("--init", help="start from this drafter (an export, or a published EAGLE-1 checkpoint)")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch_tokens", type=int, default=2048)
-    ap.add_argument("--max_new_tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training text")
-    ap.add_argument("--noise", default="uniform", choices=NOISE)
-    ap.add_argument("--noise_scale", type=float, default=0.2)
-    ap.add_argument("--ce_tokens", type=int, help="soft cross-entropy on this many tokens a step (default: all)")
-    args = ap.parse_args()
-    for key in ("eval_prompts", "n_prompts", "steps", "batch_tokens", "max_new_tokens"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise ValueError(f"--{key} must be at least 1, got {getattr(args, key)}")
-    t0, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    if args.model is None:
-        target, tok, data = nanotlt.tiny_preset(nanotlt.cache_dir(), device)
-        train, test = ([tok.encode(r["prompt"]) for r in rl.load_rows(os.path.join(data, f))[0]]
-                       for f in ("train.jsonl", "test.jsonl"))
-        train = train[:args.n_prompts or 512]
-    else:
-        target = nanotlt.Transformer.from_pretrained(args.model, device,
-                                                     torch.bfloat16 if device == "cuda" else torch.float32)
-        tok = nanotlt.load_tokenizer(args.model)
-        texts = load_prompt_texts(args.prompts)
-        test = builtin_prompts(held_out=True) if args.prompts == "builtin" else texts[-args.eval_prompts:]
-        train = texts if args.prompts == "builtin" else texts[:-args.eval_prompts]
-        if not train:
-            raise ValueError(f"{args.prompts!r}: no prompts left to train on after {args.eval_prompts} held out")
-        train, test = ([nanotlt.encode_prompt(tok, p) for p in ps] for ps in (train[:args.n_prompts], test))
-    test = test[:args.eval_prompts if args.model else 32]
-    target.requires_grad_(False)
-    init = Drafter.load(args.init, target) if args.init else None
-    before = accept_len(target, init or Drafter.from_target(target), test, args.max_new_tokens, tok.eos_token_id)
-    trainer = train_offline(target, train, tok.eos_token_id, args.steps, args.lr, args.batch_tokens,
-                            args.max_new_tokens, progress=True, temperature=args.temperature, minutes=args.minutes,
-                            init=init, noise=(args.noise, args.noise_scale), ce_tokens=args.ce_tokens)
-    after = accept_len(target, trainer.serving, test, args.max_new_tokens, tok.eos_token_id)
-    trainer.save(os.path.join(args.out, "checkpoint"))
-    export_eagle(trainer.serving, args.out, args.engine)
-    print(json.dumps(dict(accept_len_before=round(before, 3), accept_len_after=round(after, 3),
-                          steps=trainer.opt_steps, train_prompts=len(train), eval_prompts=len(test),
-                          train_tokens=trainer.buffer.n_tokens, out=args.out, seconds=round(time.time() - t0, 1))))
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    engine = Engine(target, drafter, sd_threshold=len(prompts))
+    return engine.generate(prompts, max_new, eos_id=eos, arms=[arm])[1]["accept_len"]

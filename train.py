@@ -1,16 +1,18 @@
 """train.py: GRPO for reasoning with TLT rollouts (speculative decoding with a drafter trained in the tail).
 
-    python train.py                              # no GPU: the tiny preset, offline, a few minutes on 2 cores
+    python train.py                              # no GPU: the tiny preset, offline, about 5 minutes on 2 cores
     torchrun --nproc_per_node 8 train.py         # one 8-GPU box: the default real configuration
     torchrun --nproc_per_node 2 train.py         # CPU too (gloo), tiny preset
     python train.py --steps 20 --out out/run1    # any config field can be overridden: --key value
     python train.py --resume                     # continue from the latest checkpoint in --out
-    python train.py --bench                      # the same steps with SD off and on; last line JSON
+    python train.py --plan_memory                # each phase's GPU memory per rank for this configuration
     python train.py --preset tiny --model tiny:qwen2.5-1.5b   # the tiny task, a model of real shape (GPU)
 
-One step on one rank: rollout with SD and the spot trainer -> rewards -> group advantages -> update ->
-weights into the inference copy -> drafter averaged across ranks -> metrics -> checkpoint (DESIGN.md §3).
+One step on one rank: rollout with SD and the spot trainer -> rewards -> group advantages -> update -> weights into
+the inference copy -> drafter averaged across ranks -> metrics -> checkpoint. `python bench.py train` runs the same
+steps with SD off and on.
 """
+import argparse
 import copy
 import dataclasses
 import datetime
@@ -32,10 +34,11 @@ import torch
 import torch.distributed as dist
 
 import nanotlt
+import presets
 import rl
-from drafter import SpotTrainer
+from drafter import FIXED_TREE, SpotTrainer
 from nanotlt import Drafter
-from spec_decode import Bandit, cache_slack, generate, release
+from spec_decode import Bandit, Engine, Sampling, cache_slack
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Config:
     drafter_tokens: int = 8192  # tokens per packed drafter batch
     drafter_min_steps: int = 0  # top the spot trainer up to this many steps per RL step (single process)
     tail_training: bool = True  # train the drafter during the tail; off where nothing idles (2 CPU cores)
-    drafter_init: str = ""  # a drafter exported by `python drafter.py`
+    drafter_init: str = ""  # a drafter exported by `python bench.py drafter` (or a published EAGLE-1 checkpoint)
     eval_every: int = 20
     eval_prompts: int = 128
     eval_samples: int = 4  # sampled pass@1 over this many samples per eval prompt (temperature 0.6, top-p 0.95)
@@ -77,7 +80,6 @@ class Config:
     seed: int = 0
     dist_timeout_s: int = 600  # several ranks: a collective waiting longer is an error (a hang, a failed rank)
     resume: bool = False
-    bench: bool = False
     cuda_graphs: bool = True
     grad_checkpointing: bool = True
     release: str = "auto"  # freed for the update, rebuilt after: auto (as --plan_memory says), none, engine (the KV
@@ -89,37 +91,31 @@ class Config:
 
 
 TINY = dict(model="tiny", dataset="tiny", steps=40, prompts_per_step=32, group_size=8, max_new_tokens=256,
-            max_prompt_len=128, lr=3e-5, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3,
+            max_prompt_len=128, lr=1e-4, micro_batch_tokens=8192, sd_threshold=16, drafter_lr=3e-3,
             drafter_tokens=2048, drafter_min_steps=10, tail_training=False, eval_every=20, eval_prompts=1024,
             eval_samples=0, save_every=5, cuda_graphs=False, grad_checkpointing=False)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: main prints it as "error: ..."
+        raise ValueError(message)
+
+
+def _bool(v):
+    if v.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"takes true/false, got {v!r}")
+    return v.lower() in ("1", "true", "on", "yes")
+
+
 def parse_args(argv):
-    """`--key value` for any Config field (`--flag` alone sets a bool); a preset's values apply first."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    given, i = {}, 0
-    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
-    while i < len(argv):
-        key = argv[i].removeprefix("--").replace("-", "_")
-        if not argv[i].startswith("--") or key not in fields:
-            raise ValueError(f"unknown argument {argv[i]!r} (known: {', '.join('--' + k for k in fields)})")
-        typ = type(fields[key].default)
-        if typ is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            given[key], i = True, i + 1
-            continue
-        if i + 1 == len(argv):
-            raise ValueError(f"--{key} needs a value")
-        val = argv[i + 1]
-        if typ is bool:
-            if val.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                raise ValueError(f"--{key} takes true/false, got {val!r}")
-            given[key] = val.lower() in ("1", "true", "on", "yes")
-        else:
-            try:
-                given[key] = typ(val)
-            except ValueError:
-                raise ValueError(f"--{key} takes a {typ.__name__}, got {val!r}") from None
-        i += 2
+    """`--key value` for any Config field (`--flag` alone sets a bool); a preset's values apply first. Returns the
+    config and why its preset was chosen."""
+    ap = OneLineParser(prog="train.py", description="GRPO with TLT rollouts")
+    for f in dataclasses.fields(Config):
+        kind = type(f.default)
+        ap.add_argument("--" + f.name, type=_bool if kind is bool else kind, nargs="?" if kind is bool else None,
+                        const=True if kind is bool else None)
+    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "real" if given.get("plan_memory") else "auto")  # a plan is for GPUs
     if preset == "auto":
         preset = "real" if torch.cuda.is_available() else "tiny"
@@ -133,18 +129,16 @@ def parse_args(argv):
                     ("log", ("", "wandb", "tensorboard"))):
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key} takes {' or '.join(ok)}, got {getattr(cfg, key)!r}")
-    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_prompts",
-                "micro_batch_tokens"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("eval_samples", "eval_every", "save_every", "drafter_min_steps"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"--{key} must be at least 0, got {getattr(cfg, key)}")
+    for key, lo in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("max_new_tokens", 1),
+                    ("updates_per_rollout", 1), ("eval_prompts", 1), ("micro_batch_tokens", 1), ("logprob_chunk", 1),
+                    ("eval_samples", 0), ("eval_every", 0), ("save_every", 0), ("drafter_min_steps", 0)):
+        if getattr(cfg, key) < lo:
+            raise ValueError(f"--{key} must be at least {lo}, got {getattr(cfg, key)}")
     return cfg, why
 
 
 # ---------------------------------------------------------------------------------------------------------
-# setup
+# ranks
 
 
 def setup_distributed(timeout_s=600):
@@ -217,25 +211,32 @@ def all_reduce_dict(d, device, op=None):
     return dict(zip(d, all_reduce(torch.tensor(list(d.values()), dtype=torch.float64, device=device), op).tolist()))
 
 
+def teardown():
+    """Every rank arrives before any closes its connections: gloo aborts a rank whose peer hung up mid-teardown."""
+    if dist.is_initialized():
+        wait_all()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models and prompts
+
+
 def load_models(cfg, device, world):
     """The policy (fp32 weights for the optimizer; on the CPU for now when it is to be sharded, which moves each
     rank's shard to its GPU), its inference copy (bf16 on a GPU) and the tokenizer. The tiny preset's warm-up is
     built by the first rank of each node while the others wait (their node's cache may be its own)."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if cfg.model.split(":")[0] == "tiny":  # "tiny", or "tiny:SHAPE": a model of another shape on the tiny task
-        if not first:
-            wait_all()
-        policy, tok, data_dir = nanotlt.tiny_preset(nanotlt.cache_dir(), device="cpu" if world > 1 else device,
-                                                    shape=cfg.model.partition(":")[2] or "tiny")
-        if first:
-            wait_all()
-        if cfg.dataset == "tiny":
-            cfg.dataset = nanotlt.tiny_rl_prompts(data_dir)
-            cfg.eval_dataset = cfg.eval_dataset or os.path.join(data_dir, "test.jsonl")
-    else:
-        policy = nanotlt.Transformer.from_pretrained(cfg.model, device="cpu" if world > 1 else device,
-                                                     dtype=torch.float32)
-        tok = nanotlt.load_tokenizer(cfg.model)
+    if not first:
+        wait_all()
+    policy, tok = presets.load(cfg.model, "cpu" if world > 1 else device)
+    if first:
+        wait_all()
+    if cfg.dataset == "tiny":
+        cfg.dataset, eval_dataset = presets.tiny_files(cfg.model) or (None, None)
+        if cfg.dataset is None:
+            raise ValueError(f"--dataset tiny needs a tiny-task model (tiny or tiny:SHAPE), got {cfg.model!r}")
+        cfg.eval_dataset = cfg.eval_dataset or eval_dataset
     policy.grad_checkpointing = cfg.grad_checkpointing
     infer = copy.deepcopy(policy).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     infer.requires_grad_(False)
@@ -247,7 +248,7 @@ def load_prompts(tok, source, split, max_prompt_len):
     bad rows skipped, prompts dropped as too long)."""
     rows, bad = rl.load_rows(source, split)
     for r in rows:
-        instruction = "" if isinstance(tok, nanotlt.CharTokenizer) else "\n" + rl.MATH_INSTRUCTION  # tiny task: none
+        instruction = "" if isinstance(tok, presets.CharTokenizer) else "\n" + rl.MATH_INSTRUCTION  # tiny task: none
         r["ids"] = nanotlt.encode_prompt(tok, r["prompt"] + instruction)
     kept = [r for r in rows if len(r["ids"]) <= max_prompt_len]
     if not kept:
@@ -275,25 +276,19 @@ def step_prompts(rows, cfg, step, rank, world):
             for k in range(step * P + rank * per_rank, step * P + (rank + 1) * per_rank)]
 
 
-def engine_rows(cfg, world):
-    """The most rows one rank rolls out at once, what its KV cache is sized for: a step's groups, its greedy eval's
-    prompts, or one prompt's eval samples (the sampled eval goes in passes of this many rows)."""
-    return max(cfg.prompts_per_step // world * cfg.group_size, -(-cfg.eval_prompts // world), cfg.eval_samples)
-
-
-def rollout(cfg, infer, tok, rows, drafter, trainer, bandit, step, greedy=False, progress=False, **kw):
-    """Generate G samples per prompt. Returns outputs, the flat (global sample id, row) list and stats."""
+def rollout(cfg, engine, tok, rows, trainer, step, greedy=False, progress=False, **kw):
+    """Generate G samples per prompt (one, greedy, with `greedy`). Returns outputs, the flat (global sample id,
+    row) list and stats; `kw` goes to Engine.generate."""
     G = 1 if greedy else cfg.group_size
     samples = [(gid * G + g, row) for gid, row in rows for g in range(G)]
     on_tail = on_finish = None
     if trainer is not None:
         on_tail = (lambda: trainer.start(step, "tail")) if cfg.tail_training else None
         on_finish = lambda i, tokens, hidden: trainer.buffer.add(step, tokens, hidden, len(samples[i][1]["ids"]))
-    outputs, stats = generate(infer, [r["ids"] for _, r in samples], cfg.max_new_tokens,
-                              0.0 if greedy else cfg.temperature, cfg.top_p, cfg.seed, tok.eos_token_id,
-                              seq_ids=[s for s, _ in samples], group_ids=[s // G for s, _ in samples],
-                              cuda_graphs=cfg.cuda_graphs, on_tail=on_tail, on_finish=on_finish, progress=progress,
-                              **{**dict(drafter=drafter, sd_threshold=cfg.sd_threshold, bandit=bandit), **kw})
+    sampling = Sampling() if greedy else Sampling(cfg.temperature, cfg.top_p, cfg.seed)
+    outputs, stats = engine.generate([r["ids"] for _, r in samples], cfg.max_new_tokens, sampling, tok.eos_token_id,
+                                     seq_ids=[s for s, _ in samples], group_ids=[s // G for s, _ in samples],
+                                     on_tail=on_tail, on_finish=on_finish, progress=progress, **kw)
     return outputs, samples, stats
 
 
@@ -416,7 +411,7 @@ def copy_weights(src, dst):
             s.reshard()
 
 
-def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
+def evaluate(cfg, engine, tok, rows, rank, world, device):
     """Held-out prompts, split across ranks: greedy accuracy, the sampled pass@1 people report for reasoning
     models (cfg.eval_samples samples per prompt at temperature 0.6, top-p 0.95), and with a drafter its acceptance
     length on the greedy rollouts with one fixed tree shape for all rows (the bandit's choices would blur how well
@@ -425,22 +420,22 @@ def evaluate(cfg, infer, tok, rows, drafter, rank, world, device, cache):
     mine = [(i, r) for i, r in enumerate(rows) if i % world == rank]
     sums = torch.zeros(4, dtype=torch.float64)  # greedy correct, sampled correct, SD tokens, SD rows
     if mine:
-        sd = dict(sd_threshold=len(mine), draft_depth=6, draft_topk=4, verify_tokens=16) if drafter is not None else {}
-        outs, samples, stats = rollout(cfg, infer, tok, mine, drafter, None, None, -1, greedy=True, **sd, **cache)
+        sd = dict(sd_threshold=len(mine), arms=[FIXED_TREE]) if engine.learned else {}
+        outs, samples, stats = rollout(cfg, engine, tok, mine, None, -1, greedy=True, **sd)
         sums[0] = float(score(cfg, tok, outs, samples).sum())
         sums[2:] = torch.tensor([stats["sd_tokens"], stats["sd_rows"]])
         if cfg.eval_samples:  # in passes that fit the engine's rows (the KV cache was sized for a step)
             k = dataclasses.replace(cfg, temperature=0.6, top_p=0.95, group_size=cfg.eval_samples)
-            per = max(1, cache["max_rows"] // cfg.eval_samples)
+            per = max(1, presets.engine_rows(cfg, world) // cfg.eval_samples)
             for i in range(0, len(mine), per):
-                outs, samples, _ = rollout(k, infer, tok, mine[i:i + per], drafter, None, None, -1, **cache)
+                outs, samples, _ = rollout(k, engine, tok, mine[i:i + per], None, -1)
                 sums[1] += float(score(cfg, tok, outs, samples).sum())
     wait_all()  # the ranks' evaluations take different times
     s = all_reduce(sums.to(device)).tolist()
     out = dict(eval_accuracy=s[0] / len(rows))
     if cfg.eval_samples:
         out["eval_pass@1"] = s[1] / (len(rows) * cfg.eval_samples)
-    return dict(out, eval_accept_len=s[2] / max(1, s[3])) if drafter is not None else out
+    return dict(out, eval_accept_len=s[2] / max(1, s[3])) if engine.learned else out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,7 +540,7 @@ def train(cfg, rank=0, world=1, log=print):
 
 
 def training(cfg, rank=0, world=1, log=print):
-    """train() one step at a time: yields what train() returns after each step (--bench interleaves two runs)."""
+    """train() one step at a time: yields what train() returns after each step (bench.py interleaves two runs)."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -565,8 +560,6 @@ def training(cfg, rank=0, world=1, log=print):
         rows, eval_rows = rows[:len(rows) - held], rows[len(rows) - held:]
         if not held:
             raise ValueError(f"{cfg.dataset!r} is too small to hold out eval prompts: give --eval_dataset")
-    # the engine's static cache, sized once for every rollout and evaluation of the run (as --plan_memory does)
-    cache = dict(max_prompt_len=max_prompt, max_rows=engine_rows(cfg, world))
     # the frozen initial policy for the KL, bf16 on a GPU; sharded like the policy when there are several ranks
     ref = None
     if cfg.kl_coef:
@@ -574,17 +567,19 @@ def training(cfg, rank=0, world=1, log=print):
         ref = shard(ref, device) if world > 1 else ref.to(device)
     policy = shard(policy, device) if world > 1 else policy.to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    drafter = trainer = bandit = None
+    drafter = trainer = None
     if cfg.sd == "on":
         drafter = Drafter.load(cfg.drafter_init, infer) if cfg.drafter_init else Drafter.from_target(infer)
         trainer = SpotTrainer(drafter, lr=cfg.drafter_lr, max_tokens=cfg.drafter_tokens, seed=cfg.seed + rank)
-        bandit = Bandit(seed=cfg.seed)
-    start = load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world) if cfg.resume else 0
+    # the engine's caches are sized once for every rollout and evaluation of the run (as --plan_memory does)
+    engine = Engine(infer, drafter, cfg.sd_threshold, Bandit(seed=cfg.seed), cfg.cuda_graphs,
+                    rows=presets.engine_rows(cfg, world) + 1, length=max_prompt + cfg.max_new_tokens + cache_slack())
+    start = load_checkpoint(cfg, policy, infer, opt, trainer, engine.bandit, rank, world) if cfg.resume else 0
     if cfg.release != "auto":
         freed = dict(none=[], engine=["engine"], all=["engine", "inference_copy"])[cfg.release]
     else:  # what the memory plan of this configuration on this device says
-        freed = plan_memory(cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory / GiB)[
-            "release_for_update"] if device.type == "cuda" else []
+        freed = presets.plan_memory(cfg, world, infer.args, torch.cuda.get_device_properties(device).total_memory
+                                    / presets.GiB)["release_for_update"] if device.type == "cuda" else []
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -601,10 +596,10 @@ def training(cfg, rank=0, world=1, log=print):
             shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
     history, tracker = [], make_tracker(cfg) if rank == 0 else None
     run = types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt,
-                                bandit=bandit)
+                                engine=engine)
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
-        evals = evaluate(cfg, infer, tok, eval_rows, drafter, rank, world, device, cache) if cfg.eval_every and (
+        evals = evaluate(cfg, engine, tok, eval_rows, rank, world, device) if cfg.eval_every and (
             step % cfg.eval_every == 0 or step == cfg.steps) else {}
         if step == cfg.steps:
             if evals and rank == 0:
@@ -614,8 +609,8 @@ def training(cfg, rank=0, world=1, log=print):
                 log("final | " + " | ".join(f"{k} {v:.3f}" for k, v in evals.items()))
             break
         t0 = time.perf_counter()
-        outputs, samples, rs = rollout(cfg, infer, tok, step_prompts(rows, cfg, step, rank, world), drafter,
-                                       trainer, bandit, step, progress=rank == 0 and sys.stderr.isatty(), **cache)
+        outputs, samples, rs = rollout(cfg, engine, tok, step_prompts(rows, cfg, step, rank, world), trainer, step,
+                                       progress=rank == 0 and sys.stderr.isatty())
         rollout_end = time.perf_counter() - t0
         if trainer is not None:
             trainer.train_until(step, arrive())  # this rank is done: keep training until every rank is
@@ -624,9 +619,8 @@ def training(cfg, rank=0, world=1, log=print):
         rewards = score(cfg, tok, outputs, samples)
         adv = rl.group_advantages(rewards, cfg.group_size)
         masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
-        if "engine" in freed:  # the update does not fit beside the engine's cache and graphs
-            for m in (infer, drafter):
-                m is not None and release(m)
+        if "engine" in freed:  # the update does not fit beside the engine's caches and graphs
+            engine.release()
         if "inference_copy" in freed:  # nor beside the inference copy: copy_weights allocates it again
             for p in infer.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
@@ -636,6 +630,8 @@ def training(cfg, rank=0, world=1, log=print):
         um = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
                     rank == 0 and sys.stderr.isatty())
         copy_weights(policy, infer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the update's kernels are done, not just queued
         update_s = time.perf_counter() - update_t0
         tstats = {}
         if trainer is not None:
@@ -649,11 +645,12 @@ def training(cfg, rank=0, world=1, log=print):
         sums = all_reduce_dict(dict(reward=rewards.sum().item(), correct=(rewards == 1).sum().item(), rows=len(lens),
                                     len=sum(lens), sd_tokens=rs["sd_tokens"], sd_rows=rs["sd_rows"],
                                     tokens=rs["tokens"], truncated=sum(truncated),
-                                    zero_std=(flat == flat[:, :1]).all(1).sum().item(),
+                                    zero_std=(flat == flat[:, :1]).all(1).sum().item(), captures=rs["captures"],
                                     drafter_loss=tstats.get("loss", 0.0) * n_train, **drafter_stats), device)
         train_steps = sums["drafter_tail_steps"] + sums["drafter_idle_steps"] + sums["drafter_topup_steps"]
         maxs = all_reduce_dict(dict(len=max(lens), rollout_s=rollout_end, tail_s=rs["tail_s"], update_s=update_s,
-                                    drafter_s=idle_end - rollout_end), device, dist.ReduceOp.MAX)
+                                    drafter_s=idle_end - rollout_end, capture_s=rs["capture_s"]), device,
+                               dist.ReduceOp.MAX)
         rec = dict(step=step, reward_mean=sums["reward"] / sums["rows"], accuracy=sums["correct"] / sums["rows"],
                    frac_reward_zero_std=sums["zero_std"] * cfg.group_size / sums["rows"],  # groups with no signal
                    response_len_mean=sums["len"] / sums["rows"], response_len_max=int(maxs["len"]), **um,
@@ -665,7 +662,8 @@ def training(cfg, rank=0, world=1, log=print):
                    drafter_loss=sums["drafter_loss"] / max(1, train_steps),  # per step, over the ranks' steps
                    # per-rank means; stop_wait_s: the rollout waiting for a running drafter step to end
                    **{k: sums[k] / world for k in ("drafter_train_s", "drafter_stop_wait_s")},
-                   tokens=int(sums["tokens"]), truncated=int(sums["truncated"]),
+                   tokens=int(sums["tokens"]), truncated=int(sums["truncated"]), tail_frac=maxs["tail_s"] /
+                   max(1e-9, maxs["rollout_s"]), graph_captures=int(sums["captures"]), capture_s=maxs["capture_s"],
                    arms={str(k): v for k, v in rs["arms"].items()}, **evals)
         digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
         timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
@@ -686,7 +684,7 @@ def training(cfg, rank=0, world=1, log=print):
                 f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
                 + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
-            save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world)
+            save_checkpoint(cfg, step, policy, tok, opt, trainer, engine.bandit, rank, world)
         if step < cfg.steps - 1:
             yield run
     if rank == 0:
@@ -780,190 +778,26 @@ def plot_curves(metrics_path, path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# --bench: the same steps with SD off and on, and the rollout timeline picture
 
 
-def plot_timeline(runs, path):
-    """Active rows over time on each rank for one step, SD off above SD on; shaded: steps that drafted; bars:
-    when the drafter trained (in the tail, or after this rank's rollout)."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.6 * len(runs)), sharex=True, squeeze=False)
-    for ax, (name, timelines) in zip(axes[:, 0], runs.items()):
-        for rank, tl in enumerate(timelines):
-            t = [p[0] for p in tl["steps"]] + [tl["rollout_end"]]
-            rows = [p[1] for p in tl["steps"]]
-            line, = ax.step(t[:-1] + [t[-1]], rows + [0], where="post", label=f"rank {rank} active rows")
-            bar = dict(ymin=0.92 - 0.07 * rank, ymax=0.98 - 0.07 * rank, color=line.get_color())  # one lane per rank
-            sd = [(a[0], b[0]) for a, b in zip(tl["steps"], tl["steps"][1:] + [(tl["rollout_end"],)]) if a[2]]
-            for i, (a, b) in enumerate(sd):
-                ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0, label="SD step" if i == 0 and rank == 0 else None)
-            if tl["tail_training"] and tl["tail_start"] is not None:
-                ax.axvspan(tl["tail_start"], tl["rollout_end"], alpha=0.35, hatch="//", **bar,
-                           label=f"rank {rank}: drafter trains in the tail")
-            if tl["idle_end"] > tl["rollout_end"] + 1e-3:
-                ax.axvspan(tl["rollout_end"], tl["idle_end"], alpha=0.6, **bar,
-                           label=f"rank {rank}: drafter trains after its rollout (idle, top-up)")
-        ax.set_title(name)
-        ax.set_ylabel("active rows")
-        ax.legend(loc="center right", fontsize=7)
-    axes[-1, 0].set_xlabel("seconds into the rollout")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def bench(cfg, rank, world, log):
-    """The same steps with SD off and on, two runs interleaved step by step (the order alternating), so that a
-    shared machine's drift in speed hits both alike."""
-    runs = {sd: training(dataclasses.replace(cfg, sd=sd, out=os.path.join(cfg.out, f"bench_sd_{sd}"), save_every=0,
-                                             eval_every=0, resume=False),
-                         rank, world, log=lambda msg, sd=sd: log(f"[sd {sd}] {msg}")) for sd in ("off", "on")}
-    last = {}
-    for i in range(max(1, cfg.steps)):  # each run yields once per step
-        for sd in ("off", "on") if i % 2 == 0 else ("on", "off"):
-            last[sd] = next(runs[sd])
-    off, on = last["off"].history, last["on"].history
-    rows = []
-    for a, b in zip(off, on):
-        rows.append(dict(step=a["step"], rollout_s_off=round(a["rollout_s"], 3), rollout_s_on=round(b["rollout_s"], 3),
-                         tail_s_off=round(a["tail_s"], 3), tail_s_on=round(b["tail_s"], 3), tokens=b["tokens"],
-                         accept_len=round(b["sd_accept_len"], 3), drafter_tail_steps=b["drafter_tail_steps"],
-                         drafter_idle_steps=b["drafter_idle_steps"], step_s_off=round(a["step_s"], 3),
-                         step_s_on=round(b["step_s"], 3)))
-    same = [[t["digest"] for t in a["timelines"]] == [t["digest"] for t in b["timelines"]] for a, b in zip(off, on)]
-    # on a GPU, non-deterministic backward kernels make the two runs' policies drift apart after the first update,
-    # and bf16 logits of a verify (T > 1) and a decode step may break a near-tie differently: see step 0 too
-    picture = None
-    if rank == 0:
-        # the step with the longest tail is the one that shows TLT at work
-        i = max(range(len(off)), key=lambda i: off[i]["tail_s"])
-        picture = plot_timeline({f"step {off[i]['step']}, SD off": off[i]["timelines"],
-                                 f"step {on[i]['step']}, SD on": on[i]["timelines"]},
-                                os.path.join(cfg.out, "timeline.png"))
-        for r in rows:
-            log(" | ".join(f"{k} {v}" for k, v in r.items()))
-    timed = slice(1 if len(off) > 1 else 0, None)  # step 0 of the first run also pays compilation and warm-up
-    tail = lambda run: max(1e-9, sum(r["tail_s"] for r in run[timed]))
-    bulk = lambda run: max(1e-9, sum(r["rollout_s"] - r["tail_s"] for r in run[timed]))
-    result = dict(rollout_speedup=sum(r["rollout_s"] for r in off[timed]) / sum(r["rollout_s"] for r in on[timed]),
-                  step_speedup=sum(r["step_s"] for r in off[timed]) / sum(r["step_s"] for r in on[timed]),
-                  tail_ratio=tail(on) / tail(off),
-                  # the same, each run's tail over its own bulk (rows > sd_threshold, where SD never runs): what
-                  # is left when the machine's speed drifts between the two runs (on a shared CPU, +-10% or more)
-                  tail_ratio_vs_bulk=(tail(on) / bulk(on)) / (tail(off) / bulk(off)),
-                  accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=all(same),
-                  identical_first_step=same[0],
-                  tail_frac_off=sum(r["tail_s"] for r in off) / sum(r["rollout_s"] for r in off),
-                  steps=rows, timeline_png=picture,
-                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# --plan_memory: each phase's peak GPU memory per rank, from the model's config.json alone
-
-GiB = 2 ** 30
-# config.json facts of the paper's models (and neighbours), to plan offline when the hub can't be reached
-KNOWN_MODELS = {name: dict(zip(("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size"), v),
-                           head_dim=v[1] // v[3], qkv_bias=v[6] == "qwen2", arch=v[6], max_seq_len=131072)
-                for name, v in {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (151936, 1536, 28, 12, 2, 8960, "qwen2"),
-                                "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": (152064, 3584, 28, 28, 4, 18944, "qwen2"),
-                                "Qwen/Qwen2.5-7B": (152064, 3584, 28, 28, 4, 18944, "qwen2"),
-                                "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": (152064, 5120, 48, 40, 8, 13824, "qwen2"),
-                                "Qwen/Qwen2.5-32B": (152064, 5120, 64, 40, 8, 27648, "qwen2"),
-                                "meta-llama/Llama-3.3-70B-Instruct": (128256, 8192, 80, 64, 8, 28672, "llama")}.items()}
-
-
-def model_args(name):
-    """ModelArgs from a model's config.json (a local dir or the hub), or the table above when offline."""
-    if name.split(":")[0] == "tiny":
-        return nanotlt.TINY_SHAPES[name.partition(":")[2] or "tiny"][0]()
-    from transformers import AutoConfig
-    for local in (True, False):  # a local dir or the hub's cache first: offline, no retries
-        try:
-            cfg = AutoConfig.from_pretrained(nanotlt.resolve(name), trust_remote_code=False, local_files_only=local)
-            return nanotlt.ModelArgs.from_hf(cfg)
-        except Exception as e:
-            if name in KNOWN_MODELS:
-                return nanotlt.ModelArgs(**KNOWN_MODELS[name])
-            error = e
-    raise ValueError(f"cannot read the config of {name!r}: {str(error).splitlines()[0]}") from None
-
-
-def n_params(a):
-    """(one block, the root: embedding, head and final norm, the whole model)."""
-    qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-    block = a.dim * qkv + qkv * a.qkv_bias + a.n_heads * a.head_dim * a.dim + 3 * a.dim * a.intermediate_size + 2 * a.dim
-    root = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim
-    return block, root, a.n_layers * block + root
-
-
-def update_activations(a, tokens, b, chunk_tokens=4096, checkpointing=True):
-    """Peak bytes of the update's activations on a micro-batch of `tokens` (b bytes per activation): the block
-    inputs kept for the backward, plus the larger of one block's recompute with its gradients and the LM head's
-    chunk of logits (fp32) with its gradients. Calibrated and checked against fake-tensor measurements."""
-    kept = (a.n_layers + 2) * tokens * a.dim * b
-    block = tokens * (6 * a.intermediate_size + 8 * a.dim + 2 * (a.n_heads + a.n_kv_heads) * a.head_dim) * b
-    if not checkpointing:
-        kept, block = kept + a.n_layers * block, 0
-    c = min(chunk_tokens, tokens)
-    logits = c * a.vocab_size * (16 + (b < 4) * b) + 4 * a.vocab_size * a.dim  # fp32 copies, the head's grad
-    return kept + max(block, logits)
-
-
-def plan_memory(cfg, world, a, gpu_gib=79.6):
-    """Per-rank peak of the rollout and of the update, and what makes them up (GiB). The policy's training state
-    is sharded over the ranks (FSDP2) with more than one; the inference copy, the engine's cache and the drafter
-    are per rank. On a GPU: bf16 compute, fp32 master weights, gradients and AdamW moments."""
-    b, W = 2, world
-    block, root, P = n_params(a)
-    rows = engine_rows(cfg, W) + 1  # + the dummy slot
-    L = cfg.max_prompt_len + cfg.max_new_tokens + cache_slack()  # + what one step may write past a row's length
-    kv_row = 2 * a.n_kv_heads * L * a.head_dim * b  # K and V of one row in one layer
-    Pd = 2 * a.dim ** 2 + block  # the drafter: fc and one block
-    c = min(cfg.drafter_tokens, 2 ** 27 // a.vocab_size)  # its soft cross-entropy's chunk
-    g = 1.0 if W > 1 else 0.0
-    parts = dict(
-        policy_weights_adam=12 * P / W, policy_grads=4 * P / W, reference=2 * P / W if cfg.kl_coef else 0,
-        inference_copy=b * P, kv_cache=a.n_layers * rows * kv_row, engine_buffers=rows * L * (8 + a.dim * b),
-        drafter=Pd * (b + 16) + rows * kv_row,  # serving weights, fp32 trainer state, its cache
-        drafter_training=cfg.drafter_tokens * (cfg.drafter_tokens + (2 * a.dim + 6 * a.intermediate_size) * b)
-        + 3 * 4 * c * a.vocab_size,
-        graph_pool=min(cfg.sd_threshold, rows) * 48 * a.vocab_size * 6,  # the largest verify: logits, sampling
-        rollout_activations=32768 * (4 * a.dim + 2 * a.intermediate_size) * b,  # a prefill chunk
-        fsdp_gathered=g * ((2 * block + root) * b + (block + root) * 4),  # unsharded blocks, root, its fp32 grad
-        update_activations=update_activations(a, cfg.micro_batch_tokens, b, checkpointing=cfg.grad_checkpointing),
-        optimizer_step=4 * P / W)  # AdamW's temporaries
-    held = ("policy_weights_adam", "reference", "inference_copy", "drafter")
-    engine = ("kv_cache", "engine_buffers", "graph_pool")
-    rollout = sum(parts[k] for k in held + engine + ("drafter_training", "rollout_activations"))
-    update = sum(parts[k] for k in held + ("policy_grads",)) + max(
-        parts["fsdp_gathered"] + parts["update_activations"], parts["optimizer_step"])
-    budget = (gpu_gib - 2.5) * GiB  # CUDA context, allocator fragmentation
-    # what the update can do without, freed before it and rebuilt after: first the engine, then the inference copy
-    engine_bytes, freed = sum(parts[k] for k in engine), []
-    if update + engine_bytes <= budget:
-        update += engine_bytes
-    else:
-        freed.append("engine")
-        if update > budget:
-            freed.append("inference_copy")
-            update -= parts["inference_copy"]
-    peak = max(rollout, update)
-    return dict(model_params_b=round(P / 1e9, 3), world=W, rows_per_rank=rows - 1, cache_len=L,
-                rollout_peak_gb=round(rollout / GiB, 2), update_peak_gb=round(update / GiB, 2),
-                peak_gb=round(peak / GiB, 2), gpu_gb=gpu_gib, fits=peak <= budget, release_for_update=freed,
-                parts_gb={k: round(v / GiB, 2) for k, v in parts.items()})
+def check_memory(cfg, world):
+    """On a GPU: refuse, in one line, a configuration whose memory plan does not fit, naming flags that make it fit."""
+    if not torch.cuda.is_available() or cfg.preset == "tiny":
+        return
+    gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / presets.GiB
+    args = presets.model_args(cfg.model)
+    plan = presets.plan_memory(cfg, world, args, gib)
+    if not plan["fits"]:
+        fix = presets.fitting_flags(cfg, world, args, gib)
+        raise ValueError(f"{cfg.model} needs {plan['peak_gb']} GiB per GPU on {world} x {gib:.0f} GiB (see "
+                         f"--plan_memory): {'try ' + fix if fix else 'use more GPUs'}")
 
 
 def main(argv):
     cfg, why = parse_args(argv)
     if cfg.plan_memory:
         world = cfg.nproc_per_node * cfg.nnodes
-        plan = plan_memory(cfg, world, model_args(cfg.model), cfg.gpu_gb)
+        plan = presets.plan_memory(cfg, world, presets.model_args(cfg.model), cfg.gpu_gb)
         print(f"{cfg.model} on {world} GPU(s) of {cfg.gpu_gb} GiB, {cfg.prompts_per_step} prompts x {cfg.group_size}, "
               f"{cfg.max_new_tokens}-token responses: per rank, rollout {plan['rollout_peak_gb']} GiB, update "
               f"{plan['update_peak_gb']} GiB -> {'fits' if plan['fits'] else 'DOES NOT FIT'}")
@@ -972,27 +806,17 @@ def main(argv):
         print(json.dumps(dict(model=cfg.model, **plan)))
         return
     rank, world = setup_distributed(cfg.dist_timeout_s)
+    check_memory(cfg, world)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"nanotlt: {cfg.preset} preset ({why})")
     try:
-        if cfg.bench:
-            result = bench(cfg, rank, world, log)
-            log(json.dumps(result))
-        else:
-            train(cfg, rank, world, log)
+        train(cfg, rank, world, log)
     except Exception as e:
         err = fail_together(e)
         if err is e:
             raise
         raise err from None  # another rank failed first: its error
     teardown()
-
-
-def teardown():
-    """Every rank arrives before any closes its connections: gloo aborts a rank whose peer hung up mid-teardown."""
-    if dist.is_initialized():
-        wait_all()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
