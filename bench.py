@@ -21,6 +21,7 @@ import torch
 
 import nanotlt
 import presets
+import ranks
 import tlt_kernels as kernels
 import train
 from drafter import FIXED_TREE, accept_len, train_offline
@@ -34,13 +35,11 @@ def device():
 
 def model_and_prompts(name, dtype=None):
     """A model by name, its tokenizer and prompts: the tiny task's test prompts, or chat prompts."""
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    model, tok = presets.load(name, device(), dtype)
+    model, tok = presets.load(name, device(), dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32))
     files = presets.tiny_files(name)
-    if files:
-        texts = [json.loads(line)["prompt"] for line in open(files[1])]
-        return model.eval().requires_grad_(False), tok, [tok.encode(t) for t in texts]
-    return model.requires_grad_(False), tok, [nanotlt.encode_prompt(tok, p) for p in presets.CHAT_PROMPTS]
+    prompts = ([tok.encode(json.loads(line)["prompt"]) for line in open(files[1])] if files
+               else [nanotlt.encode_prompt(tok, p) for p in presets.CHAT_PROMPTS])
+    return model.eval().requires_grad_(False), tok, prompts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,31 +53,27 @@ def bench_kernels(args):
     from triton.testing import do_bench_cudagraph
     dev, bf, D, rows = "cuda", torch.bfloat16, 128, []
     t = lambda fn: do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e-3  # seconds
-    x = torch.empty(1 << 29, device=dev, dtype=bf)  # 1 GiB
-    y = torch.empty_like(x)
+    x, y = (torch.empty(1 << 29, device=dev, dtype=bf) for _ in range(2))  # 1 GiB each
     copy_bw = 2 * x.numel() * 2 / t(lambda: y.copy_(x))
     x = y = None
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     grid = [(28, 4, L, B, T) for L in (1024, 4096, 16384, 32768) for B in (1, 8, 32, 64) for T in (1, 16, 64)]
-    caches = {}
+    cached = None
     for Hq, Hkv, L, B, T in grid:
-        if (Hkv, L) not in caches:
-            caches.clear()
+        if cached != (Hkv, L):  # a new K/V cache [S, Hkv, L, D]
             torch.cuda.empty_cache()
-            caches[(Hkv, L)] = [torch.randn(64, Hkv, L, D, device=dev, dtype=bf) for _ in range(2)]  # [S, Hkv, L, D]
-        k, v = caches[(Hkv, L)]
+            cached, (k, v) = (Hkv, L), [torch.randn(64, Hkv, L, D, device=dev, dtype=bf) for _ in range(2)]
         q = torch.randn(B, Hq, T, D, device=dev, dtype=bf)
         slots = torch.randperm(64, device=dev)[:B].int()
         lens = torch.full((B,), L - T, device=dev, dtype=torch.int32)
         mask = kernels.random_tree_mask(B, T, dev) if T > 1 else None
         byts = 2 * B * Hkv * L * D * 2 + 2 * B * Hq * T * D * 2
         tk = t(lambda: kernels.tree_attention(q, k, v, slots, lens, mask))
-        ts = t(kernels.masked_sdpa(q, k, v, slots, lens, mask)) if 2 * B * Hq * L * D * 2 < 0.4 * torch.cuda.mem_get_info()[0] \
-            else None  # SDPA's head-expanded K/V must fit
+        fits = 2 * B * Hq * L * D * 2 < 0.4 * torch.cuda.mem_get_info()[0]  # SDPA's head-expanded K/V must fit
+        ts = t(kernels.masked_sdpa(q, k, v, slots, lens, mask)) if fits else None
         rows.append(dict(Hq=Hq, Hkv=Hkv, L=L, B=B, T=T, us=tk * 1e6, GBps=byts / tk / 1e9,
                          frac_copy_bw=byts / tk / copy_bw, sdpa_us=ts and ts * 1e6, speedup_vs_sdpa=ts and ts / tk))
         print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
-    caches.clear()
     sampler = []
     for N, V in ((1, 151936), (64, 151936), (256, 151936)):  # one pass over bf16 logits
         logits = torch.randn(N, V, device=dev, dtype=bf)
@@ -111,10 +106,9 @@ def vs_transformers(model, path, prompts, new_tokens, batches, eos_id, reps=5):
             t0 = time.perf_counter()
             out, _ = engine.generate(ps, new_tokens)  # greedy, no eos: both make exactly new_tokens
             ours_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, P:].tolist()
+            t0 = time.perf_counter()  # (transformers' generate runs under no_grad itself)
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, P:].tolist()
             hf_s.append(time.perf_counter() - t0)
             ratios.append(hf_s[-1] / ours_s[-1])
         rows.append(dict(batch=b, ours_tok_s=round(b * new_tokens / statistics.median(ours_s[1:]), 1),
@@ -132,8 +126,8 @@ def bench_engine(args):
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # tiny shapes gain nothing from threads, and on a busy
         torch.set_num_threads(1)  # machine several threads make timings erratic (up to 100x slower)
     model, tok, prompts = model_and_prompts(args.model)
-    new_tokens, name = args.new_tokens or (512 if cuda else 128), f"{device()}, {torch.get_num_threads()} threads"
-    name = torch.cuda.get_device_name() if cuda else name
+    new_tokens = args.new_tokens or (512 if cuda else 128)
+    name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     batches = list(map(int, (args.batch or ("1,4,16,32,64" if cuda else "1,4,16,64")).split(",")))
     if args.vs_transformers:
         return dict(device=name, model=args.model, new_tokens=new_tokens,
@@ -194,8 +188,7 @@ def plot_timeline(runs, path):
             if tl["idle_end"] > tl["rollout_end"] + 1e-3:
                 ax.axvspan(tl["rollout_end"], tl["idle_end"], alpha=0.6, **bar,
                            label=f"rank {rank}: drafter trains after its rollout (idle, top-up)")
-        ax.set_title(name)
-        ax.set_ylabel("active rows")
+        ax.set(title=name, ylabel="active rows")
         ax.legend(loc="center right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds into the rollout")
     fig.tight_layout()
@@ -208,7 +201,7 @@ def bench_train(argv):
     """The same steps with SD off and on, two runs interleaved step by step (the order alternating), so that a
     shared machine's drift in speed hits both alike. Step 0 also pays compilation and warm-up: left out."""
     cfg, _ = train.parse_args(argv)
-    rank, world = train.setup_distributed(cfg.dist_timeout_s)
+    rank, world = ranks.setup(cfg.dist_timeout_s)
     log = print if rank == 0 else (lambda *a, **k: None)
     runs = {sd: train.training(dataclasses.replace(cfg, sd=sd, out=os.path.join(cfg.out, f"bench_sd_{sd}"),
                                                    save_every=0, eval_every=0, resume=False),
@@ -226,14 +219,11 @@ def bench_train(argv):
     # on a GPU, non-deterministic backward kernels make the two runs' policies drift apart after the first update,
     # and bf16 logits of a verify (T > 1) and a decode step may break a near-tie differently: see step 0 too
     same = [[t["digest"] for t in a["timelines"]] == [t["digest"] for t in b["timelines"]] for a, b in zip(off, on)]
-    picture = None
-    if rank == 0:  # the step with the longest tail is the one that shows TLT at work
-        i = max(range(len(off)), key=lambda i: off[i]["tail_s"])
-        picture = plot_timeline({f"step {off[i]['step']}, SD off": off[i]["timelines"],
-                                 f"step {on[i]['step']}, SD on": on[i]["timelines"]},
-                                os.path.join(cfg.out, "timeline.png"))
-        for r in rows:
-            log(" | ".join(f"{k} {v}" for k, v in r.items()))
+    i = max(range(len(off)), key=lambda i: off[i]["tail_s"])  # the step with the longest tail shows TLT at work
+    shown = {f"step {off[i]['step']}, SD off": off[i]["timelines"], f"step {on[i]['step']}, SD on": on[i]["timelines"]}
+    picture = plot_timeline(shown, os.path.join(cfg.out, "timeline.png")) if rank == 0 else None
+    for r in rows:
+        log(" | ".join(f"{k} {v}" for k, v in r.items()))  # rank 0 only
     timed = slice(1 if len(off) > 1 else 0, None)
     total = lambda run, f: max(1e-9, sum(f(r) for r in run[timed]))
     tail, bulk = (lambda r: r["tail_s"]), (lambda r: r["rollout_s"] - r["tail_s"])
@@ -246,7 +236,7 @@ def bench_train(argv):
                   accept_len=sum(r["sd_accept_len"] for r in on) / len(on), identical_rollouts=all(same),
                   identical_first_step=same[0], tail_frac_off=sum(r["tail_s"] for r in off) /
                   sum(r["rollout_s"] for r in off), steps=rows, timeline_png=picture, device=device())
-    train.teardown()
+    ranks.teardown()
     return result if rank == 0 else None
 
 
@@ -328,5 +318,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {e}")  # to stderr, exit status 1

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from nanotlt import Ctx, Drafter, rng_state, save_safetensors, set_rng_state
+from ranks import all_reduce
 from spec_decode import Arm, Engine, Sampling
 
 
@@ -113,14 +114,13 @@ class DraftBuffer:
         W, rows = min(row_tokens, max_tokens), []
         for _ in range(max(1, max_tokens // W)):
             parts, total, rest = [], 0, []
-            for sample in pool:
-                tok, h, n_prompt = sample
+            for tok, h, n_prompt in pool:
                 n = min(len(tok), W - total)
                 if n < len(tok) and (len(tok) <= W or n < min_window):  # whole in the next row, or a window there
-                    rest.append(sample)
+                    rest.append((tok, h, n_prompt))
                     continue
                 lo = rng.randint(max(0, n_prompt + 1 - n), len(tok) - n)  # the window ends past the prompt
-                parts.append((tok[lo:lo + n], h[lo:lo + n], n_prompt, lo))
+                parts.append((tok[lo:lo + n], h[lo:lo + n], n_prompt, lo, total))  # `total`: where it goes in the row
                 total += n
             if not parts:  # nothing left that fits: the later rows would be empty too
                 break
@@ -128,17 +128,15 @@ class DraftBuffer:
             pool = rest
         if not rows:
             return None
-        R, N, H = len(rows), max(sum(len(t) for t, *_ in parts) for parts in rows), rows[0][0][1].shape[1]
+        R, N, H = len(rows), max(i + len(t) for parts in rows for t, *_, i in parts), rows[0][0][1].shape[1]
         tokens, pos = torch.zeros(R, N, dtype=torch.long), torch.zeros(R, N, dtype=torch.long)  # [R, N]
         seg, loss_mask = torch.full((R, N), -1), torch.zeros(R, N, dtype=torch.bool)  # padding: segment -1
         hidden = torch.zeros(R, N, H, dtype=rows[0][0][1].dtype)  # [R, N, H]
         for r, parts in enumerate(rows):
-            i = 0
-            for k, (t, h, n_prompt, lo) in enumerate(parts):
+            for k, (t, h, n_prompt, lo, i) in enumerate(parts):
                 tokens[r, i:i + len(t)], hidden[r, i:i + len(t)], seg[r, i:i + len(t)] = t, h, k
                 pos[r, i:i + len(t)] = torch.arange(lo, lo + len(t))  # true positions
                 loss_mask[r, i + 1:i + len(t)] = pos[r, i + 1:i + len(t)] >= n_prompt
-                i += len(t)
         attn = (seg[:, :, None] == seg[:, None, :]) & (pos[:, :, None] >= pos[:, None, :])  # [R, N, N]
         hidden = hidden.pin_memory() if self.pin else hidden
         return dict(tokens=tokens.to(device), positions=pos.to(device), loss_mask=loss_mask.to(device),
@@ -159,9 +157,9 @@ class SpotTrainer:
         self.autocast = lambda: torch.autocast(self.device.type, dtype, enabled=dtype != torch.float32)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.buffer = DraftBuffer(buffer_tokens, dtype)
-        self.max_tokens, self.grad_clip, self.rng = max_tokens, grad_clip, random.Random(seed)
-        self.noise, self.ce_tokens = noise, ce_tokens
-        self.gen = torch.Generator(self.device).manual_seed(seed)  # noise and the CE's tokens: not the global RNG
+        self.max_tokens, self.grad_clip, self.noise, self.ce_tokens = max_tokens, grad_clip, noise, ce_tokens
+        # the batches' sampler, and the noise and the CE's tokens: not the global RNGs
+        self.rng, self.gen = random.Random(seed), torch.Generator(self.device).manual_seed(seed)
         self.data_step, self.phase, self.opt_steps = 0, "tail", 0
         # the lowest priority: the rollout's kernels (on a high-priority stream) go first
         self.stream = torch.cuda.Stream(self.device, priority=0) if self.device.type == "cuda" else None
@@ -191,10 +189,9 @@ class SpotTrainer:
         nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()
         self.opt_steps += 1
-        loss = loss.item()  # one host sync per step: the thread never runs ahead, so a stop waits one step
+        self.losses.append(loss.item())  # one host sync per step: the thread never runs ahead, so a stop waits one step
         key = (phase or self.phase) + "_steps"
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.losses.append(loss)
         self.train_s += time.perf_counter() - t0
         return True
 
@@ -255,15 +252,13 @@ class SpotTrainer:
         self.stop()
 
     @torch.no_grad()
-    def sync(self, group=None):
+    def sync(self):
         """Average the training copies across ranks (one fp32 all-reduce) and copy the result into the serving
         drafter in place, so the engine's references and CUDA graphs stay valid. Adam moments stay per rank."""
         self.stop()
         train, serve = list(self.model.parameters()), list(self.serving.parameters())
-        flat = torch.cat([p.reshape(-1).float() for p in train])  # [all drafter weights]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat, group=group)
-            flat /= dist.get_world_size(group)
+        flat = all_reduce(torch.cat([p.reshape(-1).float() for p in train]))  # [all drafter weights], summed
+        flat /= dist.get_world_size() if dist.is_initialized() else 1
         for p, s, v in zip(train, serve, flat.split([p.numel() for p in train])):
             p.copy_(v.view_as(p))
             s.copy_(v.view_as(s))
@@ -321,9 +316,8 @@ def train_offline(target, prompts, eos, steps=400, lr=3e-3, batch_tokens=2048, m
     decaying linearly to 10% over `steps` (or over `minutes` of training, whichever ends first). `init`: a
     drafter to start from. Returns the trainer; its serving drafter holds the trained weights."""
     trainer = SpotTrainer(init or Drafter.from_target(target), lr=lr, max_tokens=batch_tokens, **trainer_kw)
-    for tokens, hidden, n_prompt in self_generated(target, prompts, max_new, eos, temperature=temperature,
-                                                   progress=progress):
-        trainer.buffer.add(0, tokens, hidden, n_prompt)
+    for sample in self_generated(target, prompts, max_new, eos, temperature=temperature, progress=progress):
+        trainer.buffer.add(0, *sample)  # tokens, hidden, n_prompt
     if not trainer.buffer.n_tokens:
         raise ValueError(f"no training data: the target wrote no response to any of the {len(prompts)} prompt(s)")
     t0, budget = time.perf_counter(), (minutes or float("inf")) * 60

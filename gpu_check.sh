@@ -2,11 +2,11 @@
 # Everything GPU-side, for a lent GPU machine whose image is not ours (CUDA torch, triton, transformers; no
 # `datasets`, no `math-verify`, no network: every model is built from a config, missing packages come as wheels).
 #   PARTS=core (under 6 minutes): the kernels' checks against their references and their benchmark (bandwidth
-#     against copy and against SDPA, the sampler); a drafter for the tiny preset (drafter.py) and the SD engine
+#     against copy and against SDPA, the sampler); a drafter for the tiny preset (bench.py drafter) and the SD engine
 #     bench with it (plain vs SD at batch 1, 8, 32); the GPU tests (CUDA graphs on/off, kernels vs references);
-#     the end-to-end `train.py --bench` on the tiny preset with tail training on, then off, back to back.
+#     the end-to-end `bench.py train` on the tiny preset with tail training on, then off, back to back.
 #   PARTS=e2e (under 6 minutes): a random-weight model of the Qwen2.5-1.5B shape (saved as a Llama with q/k/v
-#     biases, with a stand-in word-level tokenizer) and the SD engine bench on it; `train.py --bench` with a model
+#     biases, with a stand-in word-level tokenizer) and the SD engine bench on it; `bench.py train` with a model
 #     of that shape warmed up on the tiny task (so that its rollouts have the task's long tail).
 # QUICK=1: every step on small sizes (a smoke run: does everything start and finish?). DRY=1: QUICK on the CPU, to
 # check the plumbing. A lent machine has about 15 minutes of device time per session, its start included.
@@ -64,16 +64,16 @@ print(json.dumps({m.__name__: m.__version__ for m in (torch, triton, transformer
       capability=torch.cuda.get_device_capability() if cuda else None, nvidia_smi=smi)))"
 if [[ " $PARTS " == *" core "* ]]; then
 step kernels_check 60 $PY tlt_kernels.py
-step drafter_tiny 100 $PY drafter.py --out "$SCRATCH/tiny_drafter" "${DRAFT[@]}"  # the tiny preset's drafter
-step spec_tiny 100 $PY spec_decode.py --bench --drafter "$SCRATCH/tiny_drafter" --batch 1,8,32 "${SMALL[@]}"
+step drafter_tiny 100 $PY bench.py drafter --out "$SCRATCH/tiny_drafter" "${DRAFT[@]}"  # the tiny preset's drafter
+step spec_tiny 100 $PY bench.py engine --drafter "$SCRATCH/tiny_drafter" --batch 1,8,32 "${SMALL[@]}"
 TRITON_INTERPRET=0 step gpu_tests 100 $PY -m pytest -q -x test_nanotlt.py -k cuda  # the tiny preset built above
-step train_bench_tiny 100 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true \
+step train_bench_tiny 100 $PY bench.py train --preset tiny --steps $STEPS --cuda_graphs true \
     --tail_training true --out "$SCRATCH/train_bench"
 cp "$SCRATCH/train_bench/timeline.png" "$OUT/timeline.png" 2>/dev/null
 # the rollout's high-priority stream against the spot trainer's: the same without tail training (compare tail_s)
-step train_bench_tiny_no_tail_training 100 $PY train.py --bench --preset tiny --steps $STEPS --cuda_graphs true \
+step train_bench_tiny_no_tail_training 100 $PY bench.py train --preset tiny --steps $STEPS --cuda_graphs true \
     --tail_training false --out "$SCRATCH/train_bench_nt"
-[ "$DRY" = 1 ] || step kernels_bench 90 $PY tlt_kernels.py --bench
+[ "$DRY" = 1 ] || step kernels_bench 90 $PY bench.py kernels
 fi
 if [[ " $PARTS " == *" e2e "* ]]; then
 cat > "$SCRATCH/build.py" <<'PYEOF'
@@ -97,10 +97,10 @@ PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="w0")
 print(json.dumps(dict(path=sys.argv[1], seconds=round(time.time() - t0, 1))))
 PYEOF
 step build_qwen15b 90 $PY "$SCRATCH/build.py" "$SCRATCH/qwen15b"
-step spec_qwen15b_ngram 100 $PY spec_decode.py --bench --model "$SCRATCH/qwen15b" --drafter ngram --batch 1,8,32 \
+step spec_qwen15b_ngram 100 $PY bench.py engine --model "$SCRATCH/qwen15b" --drafter ngram --batch 1,8,32 \
     "${SMALL[@]}"
-# --bench interleaves the SD-off and SD-on runs step by step: both are in memory at once (~30 GB each here)
-step train_bench_shape 240 $PY train.py --bench --preset tiny --model "tiny:$SHAPE" --steps $SHAPE_STEPS \
+# bench.py train interleaves the SD-off and SD-on runs step by step: both are in memory at once (~30 GB each here)
+step train_bench_shape 240 $PY bench.py train --preset tiny --model "tiny:$SHAPE" --steps $SHAPE_STEPS \
     --grad_checkpointing true --cuda_graphs true --tail_training true --out "$SCRATCH/train_bench_shape"
 cp "$SCRATCH/train_bench_shape/timeline.png" "$OUT/timeline_shape.png" 2>/dev/null
 fi

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 import tlt_kernels as kernels
 
@@ -48,7 +49,8 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, cfg):
         if cfg.model_type not in ("llama", "qwen2"):
-            raise ValueError(f"model_type {cfg.model_type!r} is not supported: nanotlt loads 'llama' and 'qwen2' checkpoints")
+            raise ValueError(f"model_type {cfg.model_type!r} is not supported: nanotlt loads 'llama' and 'qwen2' "
+                             "checkpoints")
         rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
         return cls(vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
                    n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
@@ -92,7 +94,6 @@ def rope_inv_freq(a: ModelArgs):
 def apply_rope(x, cos, sin):  # x [B, H, T, D]; cos, sin [B, 1, T, D]; HF's rotate-half layout
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 
 def rng_state(rng=random):  # a Python RNG's state as plain ints: checkpoints load it without unpickling
@@ -152,11 +153,9 @@ class Attention(nn.Module):
                 ctx.memo["at"] = kernels.cache_index(k_cache.shape, ctx.slots, ctx.cache_lens, T)
             for cache, new in ((k_cache, k), (v_cache, v)):  # [S * Hkv * L, D] <- [B * Hkv * T, D]
                 cache.view(-1, self.head_dim).index_copy_(0, ctx.memo["at"], new.flatten(0, 2).to(cache.dtype))
-            if x.is_cuda if USE_TRITON is None else USE_TRITON:
-                out = kernels.tree_attention(q, k_cache, v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
-            else:
-                out = kernels.tree_attention_ref(q, k_cache, v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask,
-                                                 memo=ctx.memo)
+            args = (q, k_cache, v_cache, ctx.slots, ctx.cache_lens, ctx.tree_mask)
+            triton = x.is_cuda if USE_TRITON is None else USE_TRITON
+            out = kernels.tree_attention(*args) if triton else kernels.tree_attention_ref(*args, memo=ctx.memo)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -206,12 +205,17 @@ def kv_cache(model, n_slots, max_len):
 
 
 class RopeFP32(nn.Module):
-    """A module with RoPE frequencies `inv_freq` kept in fp32 through .to(bf16): a bf16 frequency is off by up to
-    0.4%, which shifts the angle at position 8k by radians. Subclasses say whose `rope_args()` they use."""
+    """A module with the RoPE frequencies `inv_freq` of `rope_args` kept in fp32 through .to(bf16): a bf16
+    frequency is off by up to 0.4%, which shifts the angle at position 8k by radians."""
+
+    def __init__(self, rope_args: ModelArgs):
+        super().__init__()
+        self.rope_args = rope_args
+        self.register_buffer("inv_freq", rope_inv_freq(rope_args), persistent=False)
 
     def _apply(self, fn, recurse=True):  # what .to(), .cuda(), .bfloat16() ... go through
         super()._apply(fn, recurse)
-        self.inv_freq = rope_inv_freq(self.rope_args()).to(self.inv_freq.device)
+        self.inv_freq = rope_inv_freq(self.rope_args).to(self.inv_freq.device)
         return self
 
 
@@ -219,7 +223,7 @@ class Transformer(RopeFP32):
     """The target (policy) model. Module names follow HF's Llama/Qwen2 so checkpoints load key for key."""
 
     def __init__(self, a: ModelArgs):
-        super().__init__()
+        super().__init__(a)
         self.args = a
         self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
@@ -227,11 +231,7 @@ class Transformer(RopeFP32):
         self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         if a.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
         self.grad_checkpointing = False  # recompute each layer in backward: long responses need it
-
-    def rope_args(self):
-        return self.args
 
     def hidden(self, input_ids, positions=None, ctx: Ctx | None = None):
         """Last-layer hidden states [B, T, H] after the final norm: the features an EAGLE drafter reads and
@@ -239,11 +239,9 @@ class Transformer(RopeFP32):
         positions = default_positions(input_ids, ctx) if positions is None else positions
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, ctx, i)
+            x = checkpoint(layer, x, cos, sin, ctx, i, use_reentrant=False) if ckpt else layer(x, cos, sin, ctx, i)
         return self.norm(x)
 
     def logits(self, h):
@@ -258,10 +256,9 @@ class Transformer(RopeFP32):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.bfloat16):
-        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors). Checkpoint code is never run: the config is read with trust_remote_code=False and the
-        weights are plain tensors."""
+        """Load a Llama or Qwen2 checkpoint (local dir or hub id, single or sharded safetensors). Checkpoint code is
+        never run: the config is read with trust_remote_code=False and the weights are plain tensors."""
         from huggingface_hub import snapshot_download
-        from safetensors.torch import load_file
         from transformers import AutoConfig
         try:
             cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
@@ -275,9 +272,7 @@ class Transformer(RopeFP32):
             raise ValueError(f"no *.safetensors weights in {path!r} (nanotlt loads safetensors checkpoints only)")
         with torch.device("meta"):
             model = cls(args)
-        state = {}
-        for f in files:
-            state.update({k.removeprefix("model."): t.to(dtype) for k, t in load_file(f, device=str(device)).items()})
+        state = {k.removeprefix("model."): t.to(dtype) for f in files for k, t in load_file(f, str(device)).items()}
         if args.tie_embeddings:
             state.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -292,7 +287,6 @@ class Transformer(RopeFP32):
 
 
 def save_safetensors(state, path, metadata=None):
-    from safetensors.torch import save_file
     save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, path,
               {"format": "pt", **(metadata or {})})
     os.chmod(path, 0o644)  # safetensors writes 0600: a serving engine running as another user could not read it
@@ -322,8 +316,7 @@ def encode_prompt(tokenizer, text, system=None):
     template (rendered as text, then encoded: the return type of tokenize=True varies across
     transformers versions); plain tokenizers (the tiny preset's) get the raw text."""
     if getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": text})
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         rendered = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return list(tokenizer.encode(rendered, add_special_tokens=False))  # template has its own bos
     return list(tokenizer.encode(f"{system}\n\n{text}" if system else text))
@@ -340,15 +333,10 @@ class Drafter(RopeFP32):
     published checkpoint brings one (EAGLE's Llama-2/Vicuna/Qwen2 drafters do)."""
 
     def __init__(self, target, fc_bias=False):
-        super().__init__()
-        a = target.args
-        self.fc = nn.Linear(2 * a.dim, a.dim, bias=fc_bias)
-        self.layers = nn.ModuleList([Block(a, input_norm=False)])
-        self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
+        super().__init__(target.args)
+        self.fc = nn.Linear(2 * target.args.dim, target.args.dim, bias=fc_bias)
+        self.layers = nn.ModuleList([Block(target.args, input_norm=False)])
         object.__setattr__(self, "target", target)  # a plain reference: not a submodule, not in state_dict
-
-    def rope_args(self):
-        return self.target.args
 
     @classmethod
     def from_target(cls, target, fc_bias=False):
@@ -387,16 +375,13 @@ class Drafter(RopeFP32):
 def read_eagle_state(path):
     """The tensors of an EAGLE-1 checkpoint (file or directory; safetensors or a weights-only torch pickle),
     names without a "model." prefix."""
-    files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in ("model.safetensors",
-                                                                                  "pytorch_model.bin")]
+    names = ("model.safetensors", "pytorch_model.bin")
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in names]
     f = next((f for f in files if os.path.isfile(f)), None)
     if f is None:
         raise ValueError(f"{path}: no drafter weights (model.safetensors or pytorch_model.bin)")
-    if f.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(f)
-    else:
-        state = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+    # a torch pickle is read weights-only: it never unpickles code
+    state = load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True)
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
@@ -417,8 +402,7 @@ def export_eagle(drafter, out_dir, engine="sglang"):
     True when absent, which the zero fc.bias satisfies)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r} (choose {', '.join(ENGINES)})")
-    a, dtype = drafter.target.args, drafter.fc.weight.dtype
-    state = drafter.state_dict()
+    a, dtype, state = drafter.target.args, drafter.fc.weight.dtype, drafter.state_dict()
     bias = state.get("fc.bias")
     if engine == "vllm" and bias is not None and bool(bias.any()):
         raise ValueError("vLLM's EAGLE-1 drafter has no fc bias: this drafter's nonzero fc.bias would be dropped")

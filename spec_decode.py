@@ -1,26 +1,22 @@
 """spec_decode.py: the rollout engine. Batched generation over a static KV cache with lossless sampling, and
-speculative decoding (EAGLE-2 tree drafts, tree verification, KV compaction) that switches on when the active batch
-is small, with a bandit that picks the tree shape per batch-size bucket, a CUDA-graph pool and a model-free n-gram
-drafter. `Engine(model, drafter).generate(prompts, ...)`; `python bench.py engine` compares plain decoding and SD.
+speculative decoding (EAGLE-2 tree drafts, tree verification, KV compaction) while the active batch is small, with
+a bandit that picks the tree shape per batch-size bucket, a CUDA-graph pool and a model-free n-gram drafter.
+`Engine(model, drafter).generate(prompts, ...)`; `python bench.py engine` compares plain decoding and SD.
 
-Per row the engine keeps, by cache slot: the tokens so far, the target's hidden states of the cached tokens (the
-drafter reads them), `lens` (tokens in the target's cache) and the *pending* token tokens[lens]: sampled, not yet
-run through the target. Every step verifies a tree rooted at the pending token (plain decoding: the root alone):
-it commits c >= 1 tokens, the cache grows by c and c new tokens are sampled.
+Per cache slot the engine keeps the tokens, the target's hidden states of the cached ones (for the drafter), `lens`
+(tokens in the target's cache) and the *pending* token tokens[lens], sampled but not yet run through the target.
+Each step verifies a tree rooted at it (plain decoding: the root alone) and commits c >= 1 tokens.
 
-Lossless sampling: token t of sequence s is argmax(logits / temperature + g(seed, s, t)), with g a Gumbel vector
-that is a pure function of its key (tlt_kernels.gumbel_argmax). Sampling is deterministic given the prefix, so
-verifying a draft is an exact-match test, and SD on or off, batch order and composition cannot change what is
-sampled.
-"""
+Lossless sampling: token t of sequence s is argmax(logits / temperature + g(seed, s, t)), g a Gumbel vector that is
+a pure function of its key (tlt_kernels.gumbel_argmax): verifying a draft is an exact-match test, and neither SD
+nor batch order or composition can change what is sampled."""
 import contextlib
-import dataclasses
-import functools
 import random
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -32,9 +28,7 @@ from nanotlt import Ctx
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """How tokens are drawn: greedy at temperature 0, else from softmax(logits / temperature) within the top-p
-    nucleus, with noise keyed by (seed, sequence id, token index)."""
+class Sampling:  # greedy at temperature 0, else softmax(logits / temperature) within the top-p nucleus
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -51,14 +45,10 @@ def sample(logits, seq_ids, steps, s: Sampling):
         flat = flat.masked_fill(kernels.nucleus_drop(flat.float() / s.temperature, s.top_p), float("-inf"))
     triton = logits.is_cuda if nanotlt.USE_TRITON is None else nanotlt.USE_TRITON
     argmax = kernels.gumbel_argmax if triton else kernels.gumbel_argmax_ref
-    return argmax(flat, seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1), s.temperature,
-                  s.seed).view(B, T)
+    return argmax(flat, seq_ids[:, None].expand(B, T).reshape(-1), steps.reshape(-1), s.temperature, s.seed).view(B, T)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the state of a rollout, per cache slot (one per sequence, plus a dummy slot that graph padding points at)
-
-
+# ---- the state of a rollout, per cache slot (one per sequence, plus a dummy slot that graph padding points at)
 @dataclass
 class State:
     tokens: torch.Tensor  # [S, L] prompt + generated tokens; tokens[s, lens[s]] is the pending token
@@ -82,18 +72,14 @@ class Tree:
 
 
 def make_state(prompts, tokens, hidden=None, seq_ids=None, group_ids=None):
-    """The state of N prompts in slots 0..N-1 plus a spare one, on the engine's buffers tokens [S, L] and hidden
-    [S, L, H] (or None): their first N + 1 slots."""
+    """The state of N prompts in slots 0..N-1 plus a spare one, on the first N + 1 rows of tokens and hidden."""
     N, dev = len(prompts), tokens.device
     _, groups = torch.tensor(group_ids if group_ids is not None else range(N)).unique(return_inverse=True)
-    group_slots = torch.full((int(groups.max()) + 1, int(torch.bincount(groups).max())), -1, dtype=torch.long)
-    for i, g in enumerate(groups.tolist()):  # once per call, tiny
-        group_slots[g, int((group_slots[g] >= 0).sum())] = i
-    host = torch.zeros(N + 1, max(map(len, prompts)), dtype=torch.long)  # [N + 1, P]
-    for i, p in enumerate(prompts):
-        host[i, :len(p)] = torch.tensor(p)
+    pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
+    group_slots = pad([(groups == g).nonzero()[:, 0] for g in range(int(groups.max()) + 1)], padding_value=-1)
+    host = pad([torch.tensor(p) for p in prompts])  # [N, P]
     tokens = tokens[:N + 1].zero_()
-    tokens[:, :host.shape[1]] = host.to(dev)
+    tokens[:N, :host.shape[1]] = host.to(dev)
     z = lambda: torch.zeros(N + 1, dtype=torch.long, device=dev)
     return State(tokens=tokens, hidden=None if hidden is None else hidden[:N + 1], lens=z(), draft_lens=z(),
                  n_gen=z(), seq_ids=torch.tensor(list(seq_ids if seq_ids is not None else range(N)) + [0], device=dev),
@@ -102,9 +88,8 @@ def make_state(prompts, tokens, hidden=None, seq_ids=None, group_ids=None):
 
 
 def prefill(model, kv, st, slots, prompts, sampling, chunk=512, max_tokens=1 << 15):
-    """Run the right-padded prompts through the target, in blocks of rows and chunks of positions of about
-    max_tokens tokens; pad positions write K/V past each row's length, never read and later overwritten.
-    Samples and returns the first new token of every row [N]."""
+    """Run the right-padded prompts through the target in blocks of rows x chunks of positions of about max_tokens
+    tokens (pad positions write K/V past a row's length, unread); sample and return each row's first new token [N]."""
     last_h = torch.empty(len(prompts), model.args.dim, device=slots.device, dtype=model.embed_tokens.weight.dtype)
     rows = max(1, max_tokens // min(chunk, max(map(len, prompts))))
     for r0 in range(0, len(prompts), rows):
@@ -125,10 +110,9 @@ def prefill(model, kv, st, slots, prompts, sampling, chunk=512, max_tokens=1 << 
 
 
 def verify(model, kv, sampling, max_depth, slots, lens, tokens, parents, depth, mask, seq_ids, n_gen):
-    """The tree [B, T] through the target (each node at position lens + depth, seeing its ancestors), the target's
-    own (sampled) token after each node, the longest path from the root along those choices, its K/V made
-    contiguous. Returns the hidden states of the path [B, max_depth + 1, H], the new tokens (the path's, then the
-    target's next token, "bonus") [B, max_depth + 1] and how many entered the cache [B]."""
+    """Run the tree [B, T] through the target (node at lens + depth, seeing its ancestors), sample its token after
+    each node, and compact the K/V of the longest path from the root along those choices. Returns the path's hidden
+    states [B, max_depth + 1, H], new tokens [B, max_depth + 1] (the path's, then a bonus) and the count cached [B]."""
     (B, T), dev = tokens.shape, slots.device
     h = model.hidden(tokens, lens[:, None] + depth, Ctx(slots, lens, mask, kv=kv))  # [B, T, H]
     choice = sample(model.logits(h), seq_ids, n_gen[:, None] + depth, sampling)  # [B, T]
@@ -150,10 +134,9 @@ def verify(model, kv, sampling, max_depth, slots, lens, tokens, parents, depth, 
 
 
 def advance(st, slots, h, new_tokens, count, eos_id, max_new):
-    """Commit `count` [B] tokens per row: the hidden states h [B, P, H] of the tokens now in the cache and the
-    new_tokens [B, P] that follow them, each row cut after its first eos and at max_new generated tokens, on the
-    device (entries past a row's count are written too: beyond its length, overwritten later). Returns the tokens
-    each row gained and whether it is done, [B] each."""
+    """Commit `count` [B] tokens per row, cut after a row's first eos and at max_new generated tokens: the hidden
+    states h [B, P, H] of the tokens now cached and the new_tokens [B, P] after them (entries past the count are
+    written too, past the row's length). Returns the tokens each row gained and whether it is done, [B] each."""
     idx = torch.arange(new_tokens.shape[1], device=slots.device)  # [P]
     count = torch.minimum(count, max_new - st.n_gen[slots])  # room >= 1 while a row is active
     done = st.n_gen[slots] + count >= max_new
@@ -170,11 +153,7 @@ def advance(st, slots, h, new_tokens, count, eos_id, max_new):
     return count, done
 
 
-# ---------------------------------------------------------------------------------------------------------
-# drafting: the learned drafter's EAGLE-2 trees (any module with hidden(), logits() and layers, e.g.
-# nanotlt.Drafter, over its own cache `kv`) or the model-free n-gram chains
-
-
+# ---- drafting: EAGLE-2 trees of the learned drafter (over its own cache `kv`), or model-free n-gram chains
 def ancestor_mask(parents, max_depth):  # parents [B, T] (-1 for the root) -> [B, T, T] ancestor-or-self
     (B, T), dev = parents.shape, parents.device
     mask = torch.eye(T, dtype=torch.bool, device=dev).expand(B, T, T).clone()
@@ -185,15 +164,13 @@ def ancestor_mask(parents, max_depth):  # parents [B, T] (-1 for the root) -> [B
     return mask
 
 
-def pairs(st, slots, start, n):
-    """The drafter's inputs at n consecutive positions t from `start` [B]: x_{t+1} [B, n], h_t [B, n, H], t [B, n]."""
+def pairs(st, slots, start, n):  # the drafter's inputs at t = start [B] + 0..n-1: x_{t+1} [B, n], h_t [B, n, H], t
     t = start[:, None] + torch.arange(n, device=slots.device)
     return st.tokens[slots[:, None], t + 1], st.hidden[slots[:, None], t], t
 
 
 def read_pairs(drafter, kv, slots, lens, x, h, t, prev=None):
-    """The drafter over pairs at consecutive positions t (writing its cache there); its output at the pending
-    token's position lens - 1 [B, H] where this chunk holds it, else `prev`."""
+    """The drafter over pairs at positions t -> its output [B, H] at lens - 1 where this chunk holds it, else `prev`."""
     out = drafter.hidden(x, h, t, Ctx(slots, t[:, 0], kv=kv))  # [B, n, H]
     last = lens - 1 - t[:, 0]  # index of the pending token's pair
     picked = out.gather(1, last.clamp(0, t.shape[1] - 1)[:, None, None].expand(-1, 1, out.shape[-1]))[:, 0]
@@ -201,12 +178,9 @@ def read_pairs(drafter, kv, slots, lens, x, h, t, prev=None):
 
 
 def catch_up(drafter, kv, st, slots, todo, chunk=512):
-    """Run the drafter over the pairs (x_{t+1}, h_t), at position t, that it has not seen: t in [draft_lens, lens),
-    the freshly committed tokens with the target's true hidden states. Rows share one window of `todo` pairs
-    (the most any row lacks; the engine knows it on the host) right-aligned on their last pair, so a row that
-    lacks fewer recomputes a few pairs it has (same K/V). A row shorter than the window starts at 0 and writes
-    past lens - 1, where nothing is read before it is rewritten. Returns the drafter's prediction of the pending
-    token's hidden state [B, H]."""
+    """Run the drafter over the pairs (x_{t+1}, h_t), t in [draft_lens, lens), it has not seen; return its guess of
+    the pending token's hidden state [B, H]. Rows share one window of `todo` pairs (the most any row lacks) ending at
+    their last pair: a row lacking fewer redoes pairs (same K/V), a shorter one starts at 0 (writes are unread)."""
     lens = st.lens[slots]
     start, root_h = (lens - todo).clamp(min=0), None
     for c0 in range(0, todo, chunk):
@@ -220,11 +194,9 @@ def tree_size(depth, topk, n_verify):  # the nodes grow_tree keeps: the root and
 
 
 def grow_tree(drafter, kv, depth, topk, n_verify, slots, lens, root_h, pending):
-    """EAGLE-2: top-k children of the root; at each further depth expand the k best beams by top-k and keep
-    the k best by cumulative log-prob; finally keep the n_verify-1 best nodes overall. A child's score never
-    exceeds its parent's (shallower wins ties), so the kept nodes form a tree. Each depth reruns every beam so
-    far (each sees the cache and its ancestors): fixed shapes, no K/V bookkeeping for the beams.
-    Returns the tree's tokens, parents, depths [B, n_verify] and ancestor mask [B, n_verify, n_verify]."""
+    """EAGLE-2 -> tokens, parents, depths [B, n_verify] and ancestor mask [B, n_verify, n_verify]. Each depth expands
+    the k best beams (by cumulative log-prob) by top-k, rerunning all beams (fixed shapes, no K/V bookkeeping); then
+    the best n_verify-1 nodes are kept (a child never outscores its parent, shallower wins ties: they form a tree)."""
     B, k, dev = len(slots), topk, slots.device
     score, tok = torch.log_softmax(drafter.logits(root_h).float(), -1).topk(k, -1)  # [B, k] depth-1 nodes = beams
     cand_tok, cand_score, cand_parent, cand_depth = [tok], [score], [torch.full_like(tok, -1)], [torch.ones_like(tok)]
@@ -232,21 +204,18 @@ def grow_tree(drafter, kv, depth, topk, n_verify, slots, lens, root_h, pending):
     beam_tok, beam_in_h = tok, root_h[:, None].expand(B, k, -1)  # drafter inputs of all beams so far
     beam_mask = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)  # ancestor-or-self among them
     for d in range(1, depth):
-        n = beam_tok.shape[1]
+        n, base = beam_tok.shape[1], sum(t.shape[1] for t in cand_tok)  # beams and candidates so far
         pos = lens[:, None] + torch.arange(n, device=dev) // k  # [B, n]: depth-j beams sit at lens + j - 1
         h_last = drafter.hidden(beam_tok, beam_in_h, pos, Ctx(slots, lens, beam_mask, kv=kv))[:, -k:]  # [B, k, H]
         child_score, child_tok = torch.log_softmax(drafter.logits(h_last).float(), -1).topk(k, -1)  # [B, k, k]
-        child_score = (score[:, :, None] + child_score).flatten(1)  # [B, k*k] cumulative log-probs
-        child_tok = child_tok.flatten(1)
-        base = sum(t.shape[1] for t in cand_tok)
+        child_score, child_tok = (score[:, :, None] + child_score).flatten(1), child_tok.flatten(1)  # [B, k*k]
         cand_tok.append(child_tok), cand_score.append(child_score), cand_depth.append(torch.full_like(child_tok, d + 1))
         cand_parent.append(beam_idx[:, :, None].expand(B, k, k).flatten(1))
         score, best = child_score.topk(k, -1)  # the next beams
         beam_idx = base + best
-        parent_local = n - k + best // k  # beam index (in the beam list) of each new beam's parent
         beam_tok = torch.cat([beam_tok, child_tok.gather(1, best)], 1)
         beam_in_h = torch.cat([beam_in_h, h_last.gather(1, (best // k)[..., None].expand(-1, -1, h_last.shape[-1]))], 1)
-        rows = beam_mask.gather(1, parent_local[..., None].expand(-1, -1, n))  # new beams inherit parent ancestry
+        rows = beam_mask.gather(1, (n - k + best // k)[..., None].expand(-1, -1, n))  # the parent beam's ancestry
         beam_mask = torch.cat([torch.cat([beam_mask, torch.zeros(B, n, k, dtype=torch.bool, device=dev)], 2),
                                torch.cat([rows, torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)], 2)], 1)
     tok, score, parent, dep = (torch.cat(x, 1) for x in (cand_tok, cand_score, cand_parent, cand_depth))
@@ -262,24 +231,20 @@ def grow_tree(drafter, kv, depth, topk, n_verify, slots, lens, root_h, pending):
 
 
 def window_then_grow(drafter, kv, depth, topk, n_verify, slots, lens, x, h, t, pending):
-    """The drafter over the last few pairs (what the previous SD step committed), then the tree's growth: one
-    graph per batch bucket and tree shape."""
+    """The drafter over the pairs the previous SD step committed, then the tree's growth: one graph."""
     return grow_tree(drafter, kv, depth, topk, n_verify, slots, lens, read_pairs(drafter, kv, slots, lens, x, h, t),
                      pending)
 
 
 def ngram_draft(st, slots, depth, n_max=3):
-    """Model-free drafts: find the latest earlier occurrence of the last n tokens in the row's own sequence or
-    in its GRPO siblings (same prompt, responses that often repeat each other) and propose what followed it,
-    as a chain (past the end of what is known it repeats the span, which continues periodic text). Backs off
-    from n_max to 1."""
+    """Model-free drafts: what followed the latest earlier occurrence of the last n tokens (n = n_max..1) in the row
+    or its GRPO siblings (which often repeat each other); past what is known the span repeats (periodic text)."""
     B, dev = len(slots), slots.device
     ends = st.lens[slots] + 1  # sequence length including the pending token
     members = st.group_slots[st.groups[slots]]  # [B, G] slots of each row's group (padded with -1)
     seqs = st.tokens[members.clamp(min=0)]  # [B, G, L]
     member_ends = torch.where(members >= 0, st.lens[members.clamp(min=0)] + 1, 0)  # [B, G]
-    best_g = torch.zeros(B, dtype=torch.long, device=dev)  # which member holds the chosen match
-    best_p = torch.full((B,), -1, dtype=torch.long, device=dev)  # where its continuation starts
+    best_g, best_p = torch.zeros_like(ends), torch.full_like(ends, -1)  # chosen member, where its continuation starts
     for n in range(n_max, 0, -1):
         query = st.tokens[slots[:, None], (ends[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)]
         hit = (seqs.unfold(2, n, 1) == query[:, None, None]).all(-1)  # [B, G, L-n+1]
@@ -287,8 +252,7 @@ def ngram_draft(st, slots, depth, n_max=3):
         hit &= p + n < member_ends[..., None]  # something follows (which also rules out the query itself)
         val, arg = torch.where(hit, p + n, -1).flatten(1).max(1)  # the latest continuation
         take = (best_p < 0) & (val >= 0) & (ends >= n)  # a row shorter than n has no n-gram to look up
-        best_g = torch.where(take, arg // hit.shape[2], best_g)
-        best_p = torch.where(take, val, best_p)
+        best_g, best_p = torch.where(take, arg // hit.shape[2], best_g), torch.where(take, val, best_p)
     span = (member_ends.gather(1, best_g[:, None]) - best_p[:, None]).clamp(min=1)  # known tokens after the match
     idx = (best_p.clamp(min=0)[:, None] + torch.arange(depth, device=dev) % span).clamp(max=seqs.shape[2] - 1)
     chain = seqs[torch.arange(B, device=dev)[:, None], best_g[:, None], idx]  # [B, depth]
@@ -296,10 +260,7 @@ def ngram_draft(st, slots, depth, n_max=3):
     return Tree(torch.cat([st.tokens[slots, st.lens[slots]][:, None], chain], 1), ar - 1, ar, None, depth)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# choosing the tree shape: BEG-MAB, one epsilon-greedy bandit per batch-size bucket
-
-
+# ---- choosing the tree shape: BEG-MAB, one epsilon-greedy bandit per batch-size bucket
 @dataclass(frozen=True)
 class Arm:
     drafter: str  # "model" (the learned drafter), "ngram" (the model-free fallback) or "plain" (no SD)
@@ -323,12 +284,9 @@ def bucket(rows):
 
 
 class Bandit:
-    """Arms are tree shapes; reward is committed tokens per second of draft + verify time. Each arm is tried once
-    per bucket, then the best median of a sliding window (robust to a slow outlier step) is played, except while
-    exploring: a random arm, only as long as exploring has taken under `eps` of the bandit's time (seconds, not
-    steps: a random arm may be a deep tree that costs several plain steps). A memory guard drops arms whose
-    verify_tokens x rows exceeds the budget. Every bucket has several arms, plain decoding among them: where
-    drafting does not pay, the bandit keeps decoding plainly."""
+    """Arms are tree shapes; reward is committed tokens per second of draft + verify. Per bucket each arm is tried
+    once, then the best median of a sliding window (robust to outlier steps) is played, or a random arm while
+    exploring has taken under `eps` of the time. A memory guard drops arms whose verify_tokens x rows is over budget."""
 
     def __init__(self, arms=DEFAULT_ARMS, eps=0.02, window=16, token_budget=4096, seed=0):
         self.arms, self.eps, self.window, self.budget = list(arms), eps, window, token_budget
@@ -343,9 +301,7 @@ class Bandit:
         self.exploring = bool(untried) or self.explore_s < self.eps * self.seconds
         if untried:
             return untried[0]
-        if self.exploring:
-            return self.rng.choice(ok)
-        return max(ok, key=lambda a: statistics.median(self.rewards[b, a]))
+        return self.rng.choice(ok) if self.exploring else max(ok, key=lambda a: statistics.median(self.rewards[b, a]))
 
     def update(self, rows, arm, tokens, seconds):
         r = self.rewards.setdefault((bucket(rows), arm), [])
@@ -355,7 +311,7 @@ class Bandit:
         self.explore_s += seconds if self.exploring else 0.0
 
     def state_dict(self):  # plain lists (a checkpoint loads without unpickling objects)
-        return dict(rewards=[[b, list(dataclasses.astuple(a)), r] for (b, a), r in self.rewards.items()],
+        return dict(rewards=[[b, list(astuple(a)), r] for (b, a), r in self.rewards.items()],
                     rng=nanotlt.rng_state(self.rng), seconds=[self.seconds, self.explore_s])
 
     def load_state_dict(self, state):
@@ -375,22 +331,15 @@ def tree_name(arm):  # a drafter graph's name
     return f"tree{arm.depth}/{arm.topk}/{arm.verify_tokens}"
 
 
-def cache_slack(arms=()):
-    """Cache positions one step may write past a row's length: the same for every call whose arms are no larger
-    than the default ones, so that one cache serves them all."""
+def cache_slack(arms=()):  # positions one step may write past a row's length: one for all arms up to the defaults
     return max(a.verify_tokens + a.depth * a.topk for a in DEFAULT_ARMS + tuple(arms)) + 2
 
 
-# ---------------------------------------------------------------------------------------------------------
-# CUDA graphs (GPU only): the steps' fixed-shape pieces, captured lazily per (name, batch bucket, shapes) in one
-# memory pool; the active batch is padded to its bucket with rows that point at the dummy slot
-
-
+# ---- CUDA graphs (GPU only): fixed-shape pieces captured per (name, batch bucket, shapes), in one memory pool
 class GraphPool:
-    """Padding rows point at `dummy_slot`, a cache slot that no row owns, with length 0 and zeros elsewhere: they
-    read nothing. A piece whose capture fails runs eagerly from then on (the others keep their graphs).
-    `first_calls` counts calls of pieces never run before (a capture, or an eager first run that compiles
-    kernels): the engine keeps such one-off steps out of the bandit's rewards. Disabled, it runs every piece."""
+    """The active batch is padded to its bucket with rows that point at `dummy_slot`, a cache slot no row owns
+    (length 0, zeros elsewhere): they read nothing. A piece whose capture fails runs eagerly from then on.
+    `first_calls` counts first calls of pieces (a capture, or an eager run that compiles): not the arm's speed."""
 
     def __init__(self, enabled, dummy_slot):
         self.enabled, self.dummy_slot = enabled and torch.cuda.is_available(), dummy_slot
@@ -402,9 +351,8 @@ class GraphPool:
 
     def __call__(self, name, fn, slots, *args):  # fn(slots, *args) -> tuple of tensors, rows first
         B, key = len(slots), self.key(name, slots, args)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.first_calls += 1
+        self.first_calls += key not in self.seen
+        self.seen.add(key)
         if not self.prepare(name, fn, slots, *args, key=key):
             return fn(slots, *args)
         graph, static, out, filled = self.graphs[key]
@@ -455,16 +403,12 @@ class GraphPool:
         return graph, static, out, [0]  # [rows live in the last replay]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the engine
-
-
-def to_host(x):
-    """The engine's one way to read from the device (a sync): one small read per step. A copy, also on the CPU."""
+# ---- the engine
+def to_host(x):  # the engine's one way to read the device (a sync), once per step; a copy, also on the CPU
     return x.to("cpu", copy=True).numpy()
 
 
-@functools.lru_cache
+@lru_cache
 def rollout_stream(device):  # the rollout runs at high priority: the spot trainer's kernels yield to it
     return torch.cuda.Stream(device, priority=-1)
 
@@ -481,50 +425,15 @@ def on_rollout_stream(device):
     current.wait_stream(stream)
 
 
-class Finished:
-    """Rows that ended: their tokens and features go to (pinned) host memory without stopping the loop, and
-    on_finish(row, tokens, hidden) is called once they are there."""
-
-    def __init__(self, st, plen, on_finish):
-        self.st, self.plen, self.on_finish, self.pending = st, plen, on_finish, []
-
-    def add(self, rows, n_gen):
-        if self.on_finish is None:
-            return
-        cuda, copies = self.st.tokens.is_cuda, []
-        for i, g in zip(rows.tolist(), n_gen.tolist()):
-            n = self.plen[i] + g  # prompt + output
-            parts = [self.st.tokens[i, :n], None if self.st.hidden is None else self.st.hidden[i, :n - 1]]
-            if cuda:  # copies on the current stream into pinned memory, done when the event is
-                parts = [p if p is None else torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(
-                    p, non_blocking=True) for p in parts]
-            copies.append((i, *[p if p is None or cuda else p.clone() for p in parts]))
-        event = torch.cuda.Event() if cuda else None  # one for the step's finished rows
-        if event is not None:
-            event.record()
-        self.pending += [(event, *c) for c in copies]
-        self.poll()
-
-    def poll(self, wait=False):
-        while self.pending and (wait or self.pending[0][0] is None or self.pending[0][0].query()):
-            event, i, tokens, hidden = self.pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            self.on_finish(i, tokens, hidden)
-
-
 def weights_and_cache(module, kv):  # what a captured graph holds the addresses of
     return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers(), *kv))
 
 
 class Engine:
-    """The rollout engine of one target model (any module with hidden(), logits(), layers, args, like
-    nanotlt.Transformer): the static KV caches and per-slot buffers, the CUDA-graph pool and the bandit, kept across
-    calls. `drafter`: None (plain decoding), "ngram", or a learned drafter (nanotlt.Drafter, or any module with
-    hidden(tokens, h, positions, ctx), logits() and layers); SD runs while the active rows are at most
-    `sd_threshold`. The caches are allocated at the first call for at least `rows` rows of `length` tokens, and
-    only ever grow: graphs hold their addresses, and two caches never exist at once. `cuda_graphs` (CUDA only)
-    replays captured steps; `release()` frees caches and graphs (for the policy update)."""
+    """The rollout engine of a target model (like nanotlt.Transformer): static KV caches, per-slot buffers, CUDA graphs
+    (`cuda_graphs`) and the bandit, kept across calls. `drafter`: None, "ngram" or a learned one (like nanotlt.Drafter);
+    SD runs while at most `sd_threshold` rows are active. The caches, first made for at least `rows` x `length`, only
+    grow: graphs hold their addresses, and two never exist at once."""
 
     def __init__(self, model, drafter=None, sd_threshold=32, bandit=None, cuda_graphs=False, rows=0, length=0):
         self.model, self.drafter, self.sd_threshold, self.cuda_graphs = model, drafter, sd_threshold, cuda_graphs
@@ -533,9 +442,8 @@ class Engine:
         self.size, self.kv, self.draft_kv, self.tokens, self.hidden, self.graphs, self.sig = (rows, length), *[None] * 6
 
     def reserve(self, rows, length, hidden):
-        """Caches for `rows` slots (the dummy one included) of `length` positions: the target's and the drafter's
-        K/V [n_layers, rows, kv_heads, length, head_dim], the tokens [rows, length] and, with `hidden`, the target's
-        features [rows, length, H]. Kept when large enough, else reallocated at the larger of old and new."""
+        """Caches for `rows` slots (the dummy one included) x `length` positions: K/V, tokens and (with `hidden`) the
+        target's features. Kept when large enough, else reallocated at the larger of old and new in each."""
         w = next(self.model.parameters())
         if self.kv is not None and (self.kv[0].shape[1] < rows or self.kv[0].shape[3] < length):
             self.size = (max(rows, self.kv[0].shape[1]), max(length, self.kv[0].shape[3]))
@@ -552,24 +460,18 @@ class Engine:
         if sig != self.sig:  # new caches, or weights that moved (freed for an update): graphs hold old addresses
             self.graphs, self.sig = GraphPool(self.cuda_graphs, self.kv[0].shape[1] - 1), sig
 
-    def release(self):
-        """Free the caches, the buffers and the CUDA graphs that hold them; the next call allocates and captures
-        again: memory for the policy update when both phases do not fit at once."""
+    def release(self):  # free caches, buffers and graphs (memory for the policy update); the next call remakes them
         self.kv = self.draft_kv = self.tokens = self.hidden = self.graphs = self.sig = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def generate(self, prompts, max_new_tokens, sampling=Sampling(), eos_id=None, *, seq_ids=None, group_ids=None,
                  arms=None, sd_threshold=None, on_tail=None, on_finish=None, progress=False):
-        """Generate for a list of token-id prompts. Returns (outputs: list of new-token lists, eos included when
-        produced; stats). `arms`: tree shapes to use instead of the engine's bandit (one arm: a fixed shape);
-        `sd_threshold`: instead of the engine's.
-        `seq_ids` key the sampling noise (default: the prompt's index); `group_ids` tell the n-gram drafter which
-        rows are GRPO siblings. `on_tail()` is called once when the tail starts (active rows <= sd_threshold),
-        `on_finish(i, tokens, hidden)` when row i ends (tokens: prompt + output; hidden: the target's features of
-        all but the last token, or None). Per step the host reads the device once: which rows finished, and how
-        many tokens the step made."""
-        model, N, V = self.model, len(prompts), self.model.args.vocab_size
+        """Generate for token-id prompts; returns (outputs: each prompt's new tokens, up to eos; stats). `arms` (one: a
+        fixed shape) and `sd_threshold` replace the engine's; `seq_ids` key the sampling noise (default: the index);
+        `group_ids` mark GRPO siblings for the n-gram drafter. `on_tail()` is called once when the tail starts, and
+        `on_finish(i, tokens, hidden)` when row i ends (prompt + output, the target's features of all but the last)."""
+        N, V = len(prompts), self.model.args.vocab_size
         if not all(p and 0 <= min(p) and max(p) < V for p in prompts):
             raise ValueError(f"prompts must be non-empty lists of token ids in [0, {V})")
         bandit = Bandit(arms, seed=sampling.seed) if arms else self.bandit
@@ -583,20 +485,20 @@ class Engine:
                      one_off_steps=0, one_off_s=0.0, timeline=[])
         bar = tqdm(total=N, desc="rollout", leave=False, disable=not progress)
         plen = [len(p) for p in prompts]
-        done_rows = Finished(st, plen, on_finish)
         t0 = time.perf_counter()
-        with torch.inference_mode(), on_rollout_stream(dev):
+        with torch.inference_mode(), on_rollout_stream(dev), bar:
             slots = torch.arange(N, device=dev)
-            first = prefill(model, self.kv, st, slots, prompts, sampling)
+            first = prefill(self.model, self.kv, st, slots, prompts, sampling)
             done = torch.full_like(first, max_new_tokens <= 1, dtype=torch.bool)
             if eos_id is not None:
                 done |= first == eos_id
-            flags, n_gen = to_host(done), np.ones(N, dtype=np.int64)
-            live = np.arange(N)  # the active rows' slots, on the host
+            flags, n_gen, live = to_host(done), np.ones(N, dtype=np.int64), np.arange(N)  # live: the active slots
             lag, drafted = max(plen), False  # the most pairs any row's drafter cache lacks; drafted in this call
             while True:
                 if flags.any():  # rows that finished: O(finished) host work, the device keeps the order of the others
-                    done_rows.add(live[flags], n_gen[flags])
+                    for i, g in zip(live[flags].tolist(), n_gen[flags].tolist()):  # the step's read synced: no stall
+                        if on_finish is not None:
+                            on_finish(i, st.tokens[i, :plen[i] + g], st.hidden[i, :plen[i] + g - 1])
                     bar.update(int(flags.sum()))
                     live = live[~flags]
                     slots = slots[torch.argsort(done.int(), stable=True)[:len(live)]]
@@ -605,15 +507,13 @@ class Engine:
                 B, step_t0, calls = len(live), time.perf_counter(), pool.first_calls
                 tail = B <= (self.sd_threshold if sd_threshold is None else sd_threshold)
                 if tail and stats["tail_start_s"] is None:
-                    if self.drafter is not None:
-                        self.capture_tail(st, bandit.arms, B, window, sampling)
+                    self.capture_tail(st, bandit.arms, B, window, sampling)
                     stats["tail_start_s"] = step_t0 - t0
                     if on_tail is not None:
                         on_tail()
                     step_t0 = time.perf_counter()
                 arm = bandit.choose(B) if tail and self.drafter is not None else None
-                # the tail's first catch-up (the rows' whole history) is a one-off; a later one is what switching
-                # from other arms costs, and the arm that needs it pays for it
+                # the first catch-up (all history) is a one-off; a later one is what switching arms costs: the arm pays
                 one_off = arm is not None and arm.drafter == "model" and lag > window and not drafted
                 drafted |= arm is not None and arm.drafter == "model"
                 h, new, count = self.step(st, slots, arm, lag, window, sampling)
@@ -629,12 +529,9 @@ class Engine:
                 sd = arm is not None and arm.drafter != "plain"
                 stats.update(verify_steps=stats["verify_steps"] + sd, sd_rows=stats["sd_rows"] + sd * B,
                              sd_tokens=stats["sd_tokens"] + sd * gained, target_forwards=stats["target_forwards"] + 1,
-                             tail_s=stats["tail_s"] + (dt if stats["tail_start_s"] is not None else 0.0))
+                             tail_s=stats["tail_s"] + (dt if tail else 0.0))
                 stats["timeline"].append((round(step_t0 - t0, 5), B, sd))
-                done_rows.poll()
-            done_rows.poll(wait=True)
             tokens, n_gen = to_host(st.tokens[:N]), to_host(st.n_gen[:N])  # once, at the end
-        bar.close()
         outputs = [tokens[i, p:p + g].tolist() for i, (p, g) in enumerate(zip(plen, n_gen))]
         seconds, n_tokens = time.perf_counter() - t0, int(n_gen.sum())
         return outputs, dict(stats, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
@@ -643,10 +540,8 @@ class Engine:
                              captures=pool.captures - captures0, capture_s=pool.capture_s - capture_s0)
 
     def draft(self, st, slots, arm, lag, window):
-        """The tree rooted at each row's pending token: the root alone (no arm, or "plain": plain decoding), an
-        n-gram chain, or the learned drafter's EAGLE-2 tree. The drafter first reads the `lag` pairs it has not
-        seen: after plain steps, all of them, eagerly, in chunks; between SD steps it lags by at most `window`
-        pairs, and one graph per batch bucket and tree shape reads that window and grows the tree."""
+        """The tree rooted at each row's pending token: the root alone (no arm or "plain"), an n-gram chain, or EAGLE-2
+        once the drafter has read the `lag` pairs it lacks (eagerly, or if lag <= `window` in the growing graph)."""
         lens = st.lens[slots]
         pending = st.tokens[slots, lens][:, None]  # [B, 1]
         if arm is None or arm.drafter == "plain":
@@ -656,41 +551,35 @@ class Engine:
         shape, name = (self.drafter, self.draft_kv, arm.depth, arm.topk, arm.verify_tokens), tree_name(arm)
         if lag > window:
             root_h = catch_up(self.drafter, self.draft_kv, st, slots, lag)
-            return Tree(*self.graphs(name, functools.partial(grow_tree, *shape), slots, lens, root_h, pending),
-                        arm.depth)
+            return Tree(*self.graphs(name, partial(grow_tree, *shape), slots, lens, root_h, pending), arm.depth)
         st.draft_lens[slots] = lens
-        return Tree(*self.graphs(f"{name}+{window}", functools.partial(window_then_grow, *shape), slots, lens,
+        return Tree(*self.graphs(f"{name}+{window}", partial(window_then_grow, *shape), slots, lens,
                                  *pairs(st, slots, (lens - window).clamp(min=0), window), pending), arm.depth)
 
     def step(self, st, slots, arm, lag, window, sampling):
-        """One step of the active rows: a draft tree (see `draft`), verified by the target in one forward, the
-        accepted path's K/V made contiguous. Returns what `advance` commits: the path's hidden states, the new
-        tokens and their count."""
+        """One step: a draft tree verified in one target forward -> what `advance` commits (h, new tokens, count)."""
         tree = self.draft(st, slots, arm, lag, window)
-        fn = functools.partial(verify, self.model, self.kv, sampling, tree.max_depth)
+        fn = partial(verify, self.model, self.kv, sampling, tree.max_depth)
         return self.graphs(f"verify{tree.max_depth}/{sampling}", fn, slots, st.lens[slots], tree.tokens,
                            tree.parents, tree.depth, tree.mask, st.seq_ids[slots], st.n_gen[slots])
 
     def capture_tail(self, st, arms, rows, window, sampling):
-        """Capture every piece the tail can run, for each batch bucket up to `rows` and each arm, before the tail
-        starts: a capture in the middle of it would cost the step that does it, and the bandit would read that
-        as the arm's speed. The inputs are zeros of the pieces' shapes (a capture needs nothing else)."""
+        """Capture, with zero inputs, every piece the tail can run (per batch bucket up to `rows`, per arm) before it
+        starts: a capture would cost its step, which the bandit would read as the arm's speed."""
         pool, dev, H = self.graphs, st.lens.device, self.model.args.dim
-        if not pool.enabled:
+        if not pool.enabled or self.drafter is None:
             return
         for b in (b for b in BUCKETS if b <= bucket(rows)):
             z = lambda *shape, dtype=torch.long: torch.zeros(b, *shape, dtype=dtype, device=dev)
             slots, f = torch.full((b,), pool.dummy_slot, device=dev), lambda *shape: z(*shape, dtype=st.hidden.dtype)
-            for a in [Arm("plain", 0, 1, 1)] + arms:
+            for a in [Arm("plain", 0, 1, 1)] + [a for a in arms if self.learned or a.drafter != "model"]:
                 T = 1 if a.drafter == "plain" else a.depth + 1 if a.drafter == "ngram" else tree_size(
                     a.depth, a.topk, a.verify_tokens)
-                if a.drafter == "model" and not self.learned:
-                    continue
-                pool.prepare(f"verify{a.depth}/{sampling}", functools.partial(verify, self.model, self.kv, sampling,
-                             a.depth), slots, z(), z(T), z(T), z(T), z(T, T, dtype=torch.bool) if a.drafter == "model"
-                             else None, z(), z())
+                mask = z(T, T, dtype=torch.bool) if a.drafter == "model" else None
+                verify_fn = partial(verify, self.model, self.kv, sampling, a.depth)
+                pool.prepare(f"verify{a.depth}/{sampling}", verify_fn, slots, z(), z(T), z(T), z(T), mask, z(), z())
                 if a.drafter == "model":
                     grow = (self.drafter, self.draft_kv, a.depth, a.topk, a.verify_tokens)
-                    pool.prepare(f"{tree_name(a)}+{window}", functools.partial(window_then_grow, *grow), slots, z(),
+                    pool.prepare(f"{tree_name(a)}+{window}", partial(window_then_grow, *grow), slots, z(),
                                  z(window), f(window, H), z(window), z(1))
-                    pool.prepare(tree_name(a), functools.partial(grow_tree, *grow), slots, z(), f(H), z(1))
+                    pool.prepare(tree_name(a), partial(grow_tree, *grow), slots, z(), f(H), z(1))

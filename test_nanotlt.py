@@ -42,6 +42,7 @@ import triton.language as tl
 import bench
 import nanotlt
 import presets
+import ranks
 import rl
 import spec_decode as sd
 import tlt_kernels as kernels
@@ -1166,12 +1167,13 @@ def test_our_modules_shadow_no_installed_package():
 
 
 def test_imports_point_down_the_stack():
-    """tlt_kernels.py knows nothing of ours, the model only the kernels, the engine only those two (any drafter
-    object will do), the drafter's training only the model and the engine; train.py and bench.py sit on top."""
+    """tlt_kernels.py and ranks.py know nothing of ours, the model only the kernels, the engine only those two (any
+    drafter object will do), the drafter's training only the model, the engine and ranks; train.py and bench.py sit
+    on top."""
     import ast
-    ours = {"tlt_kernels", "nanotlt", "spec_decode", "drafter", "rl", "presets", "train", "bench"}
-    allowed = {"tlt_kernels": set(), "nanotlt": {"tlt_kernels"}, "spec_decode": {"tlt_kernels", "nanotlt"},
-               "rl": {"tlt_kernels"}, "drafter": {"nanotlt", "spec_decode"},
+    ours = {"tlt_kernels", "ranks", "nanotlt", "spec_decode", "drafter", "rl", "presets", "train", "bench"}
+    allowed = {"tlt_kernels": set(), "ranks": set(), "nanotlt": {"tlt_kernels"}, "spec_decode": {"tlt_kernels",
+               "nanotlt"}, "rl": {"tlt_kernels", "ranks"}, "drafter": {"nanotlt", "spec_decode", "ranks"},
                "presets": {"nanotlt", "spec_decode", "rl"}, "train": ours - {"train", "bench"}, "bench": ours - {"bench"}}
     for mod, ok in allowed.items():
         tree = ast.parse(open(os.path.join(os.path.dirname(__file__), mod + ".py")).read())
@@ -1391,12 +1393,12 @@ def _drafter_rank(rank, world, port, out):
         trainer.train_step()
     if rank == 1:
         time.sleep(1.0)  # rank 1 finishes its rollout late: rank 0 trains meanwhile
-    idle = trainer.train_until(0, train.arrive())
+    idle = trainer.train_until(0, ranks.arrive())
     pre = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.sync()
     torch.save(dict(pre=pre, post=trainer.model.state_dict(), serving=trainer.serving.state_dict(), idle=idle),
                os.path.join(out, f"rank{rank}.pt"))
-    train.teardown()
+    ranks.teardown()
 
 
 def test_sync_averages_across_ranks(tmp_path):
@@ -2008,11 +2010,11 @@ def test_released_engine_and_inference_copy_change_nothing(tiny_cache, tmp_path)
 def test_learning_rate_schedule():
     """Linear warm-up over lr_warmup steps, then a cosine from lr to lr x lr_min_ratio at the last step."""
     cfg = train.Config(lr=1.0, lr_warmup=3, lr_min_ratio=0.1, steps=11)
-    lrs = [train.lr_at(cfg, s) for s in range(11)]
+    lrs = [rl.lr_at(cfg, s) for s in range(11)]
     cos = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 10))
     assert lrs[:3] == pytest.approx([0.25 * cos(0), 0.5 * cos(1), 0.75 * cos(2)])
     assert lrs[5] == pytest.approx(0.55) and lrs[10] == pytest.approx(0.1)
-    assert all(train.lr_at(train.Config(lr=2e-5, steps=7), s) == 2e-5 for s in range(7))  # the default: constant
+    assert all(rl.lr_at(train.Config(lr=2e-5, steps=7), s) == 2e-5 for s in range(7))  # the default: constant
 
 
 def test_update_masks_the_prompt_and_follows_the_advantage():
@@ -2022,21 +2024,21 @@ def test_update_masks_the_prompt_and_follows_the_advantage():
     log-probability under a positive advantage and lowers it under a negative one."""
     model, _, _, _ = update_case(False)
     seqs = [([5, 6, 7, 8, 9, 10], 3, 3, 1.0)]  # prompt 5 6 7, response 8 9 10
-    logp, mask, adv = train.logprobs(model, seqs, torch.device("cpu"))
+    logp, mask, adv = rl.logprobs(model, seqs, torch.device("cpu"))
     assert mask.tolist() == [[0, 0, 1, 1, 1]] and adv.tolist() == [1.0]  # logp[t] scores token t + 1
     cfg = train.Config(micro_batch_tokens=64, grad_clip=1e9)
     for a in (1.0, -1.0):
         m, ref = copy.deepcopy(model), copy.deepcopy(model)
-        (-a / 3 * train.logprobs(ref, seqs, torch.device("cpu"))[0][0, 2:].sum()).backward()  # by hand
+        (-a / 3 * rl.logprobs(ref, seqs, torch.device("cpu"))[0][0, 2:].sum()).backward()  # by hand
         with torch.no_grad():
-            before = train.logprobs(m, seqs, torch.device("cpu"))[0]
-        out = train.update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=0.1), [(0, {"ids": [5, 6, 7]})],
+            before = rl.logprobs(m, seqs, torch.device("cpu"))[0]
+        out = rl.update(cfg, m, None, torch.optim.SGD(m.parameters(), lr=0.1), [(0, {"ids": [5, 6, 7]})],
                            [[8, 9, 10]], torch.tensor([a]), 1)
         assert abs(out["loss"] + a) < 1e-6 and out["clip_frac"] == 0.0
         for p, q, r in zip(model.parameters(), m.parameters(), ref.parameters()):
             torch.testing.assert_close(q.detach() - p.detach(), -0.1 * r.grad, rtol=1e-4, atol=1e-6)
         with torch.no_grad():
-            after = train.logprobs(m, seqs, torch.device("cpu"))[0]
+            after = rl.logprobs(m, seqs, torch.device("cpu"))[0]
         assert a * (after - before)[0, 2:].sum() > 0
 
 
@@ -2112,7 +2114,7 @@ def test_update_clips_against_the_behaviour_policy_and_adds_the_kl(tiny, monkeyp
         return real(logp, old_logp, *a, ref_logp=ref_logp, **kw)
     monkeypatch.setattr(rl, "policy_loss", spy)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    train.update(cfg, policy, ref, opt, samples, outputs, torch.tensor([1.0, -1.0, 1.0, -1.0]), world=1)
+    rl.update(cfg, policy, ref, opt, samples, outputs, torch.tensor([1.0, -1.0, 1.0, -1.0]), world=1)
     assert len(calls) == 3 and calls[0][0] < 1e-5 and calls[1][0] > 1e-3 and calls[2][0] > 1e-3
     assert torch.equal(calls[0][1], calls[1][1]) and torch.equal(calls[0][1], calls[2][1])  # the rollout policy's
     assert all(has_ref and coef == 0.1 for *_, has_ref, coef in calls)
@@ -2146,17 +2148,17 @@ def _fsdp_update_rank(rank, world, port, out, tied, kl, upr, checkpointing):
     model, samples, outputs, adv = update_case(tied)
     model.grad_checkpointing = checkpointing
     ref = copy.deepcopy(model).requires_grad_(False) if kl else None
-    policy, ref = train.shard(model, torch.device("cpu")), ref and train.shard(ref, torch.device("cpu"))
+    policy, ref = ranks.shard(model, torch.device("cpu")), ref and ranks.shard(ref, torch.device("cpu"))
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)
     mine = slice(rank * 4, rank * 4 + 4)  # each rank its half of the batch
-    loss = train.update(update_config(kl, upr), policy, ref, opt, samples[mine], outputs[mine], adv[mine],
+    loss = rl.update(update_config(kl, upr), policy, ref, opt, samples[mine], outputs[mine], adv[mine],
                         world)["loss"]  # the batch's
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     infer = update_case(tied)[0]
-    train.copy_weights(policy, infer)  # block by block into an unsharded inference copy
+    ranks.copy_weights(policy, infer)  # block by block into an unsharded inference copy
     if rank == 0:
         torch.save(dict(full=full, infer=infer.state_dict(), loss=float(loss)), out)
-    train.teardown()
+    ranks.teardown()
 
 
 @pytest.mark.parametrize("tied,kl,upr,checkpointing", [(False, False, 1, False), (True, True, 2, True)])
@@ -2173,7 +2175,7 @@ def test_fsdp_update_equals_one_process(tmp_path, tied, kl, upr, checkpointing):
     model, samples, outputs, adv = update_case(tied)
     ref = copy.deepcopy(model).requires_grad_(False) if kl else None
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = train.update(update_config(kl, upr), model, ref, torch.optim.SGD(model.parameters(), lr=1.0), samples,
+    loss = rl.update(update_config(kl, upr), model, ref, torch.optim.SGD(model.parameters(), lr=1.0), samples,
                         outputs, adv, 1)["loss"]
     assert abs(got["loss"] - loss) <= 1e-5 * max(1.0, abs(loss))
     for k, v in model.state_dict().items():
@@ -2187,7 +2189,7 @@ def _train_rank(rank, world, port, out, args, result):
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    rank, world = train.setup_distributed()
+    rank, world = ranks.setup()
     cfg, _ = train.parse_args(SMALL + ["--out", out] + args)
     r = train.train(cfg, rank, world, log=lambda *a: None)
     history, policy, opt = r.history, r.policy, r.opt
@@ -2195,7 +2197,7 @@ def _train_rank(rank, world, port, out, args, result):
     if rank == 0:
         torch.save({"policy": weights, "optim": optim, "history": [{k: v for k, v in h.items() if k != "timelines"}
                                                                    for h in history]}, result)
-    train.teardown()
+    ranks.teardown()
 
 
 def train_ranks(tmp_path, name, args, world=2):
@@ -2342,7 +2344,7 @@ def test_memory_plan_matches_a_measured_update(V, H, I, L, nh, nkv, rows, T, mic
         samples, outputs = [(i, {"ids": [1] * 8}) for i in range(rows)], [[2] * (T - 8)] * rows
         with PeakMemory(model.parameters()) as mem:
             for _ in range(2):
-                train.update(train.Config(micro_batch_tokens=micro), model, None, opt, samples, outputs, adv, 1)
+                rl.update(train.Config(micro_batch_tokens=micro), model, None, opt, samples, outputs, adv, 1)
     P = presets.n_params(a)[2]
     planned = 16 * P + presets.update_activations(a, micro, 4)
     assert abs(planned / mem.peak - 1) < 0.15, (planned, mem.peak)

@@ -418,9 +418,9 @@ def aot_launches(full=False):
     (T = 512, causal), a drafter window (T = 9, causal), tree verification (T = 6, 16, 48) and a draft's first depth
     (an expanded mask, stride 0), each on 1 row (KV split across programs) and on 256 (not split), with int64 slots
     and lengths as the engine passes them (int32 in fp32, as the benchmarks do); in bf16 for every shape, and
-    decode, prefill and the 48-token tree in fp16 and fp32 for the last (`full`: everything for every shape). The sampler: seeds 0, 1 and 2**32 - 1, vocabularies of 16 and
-    151,936 (a multiple of 16, so its stride gets a hint) and 32,001, each logits dtype. CPU tensors: only their
-    dtypes, strides and alignment reach the compiler."""
+    decode, prefill and the 48-token tree in fp16 and fp32 for the last (`full`: everything for every shape). The
+    sampler: seeds 0, 1 and 2**32 - 1, vocabularies of 16, 32,001 and 151,936 (multiples of 16 get a hint), each
+    logits dtype. CPU tensors: only their dtypes, strides and alignment reach the compiler."""
     L, out, dtypes = 4096, [], (torch.bfloat16, torch.float16, torch.float32)
     cases = ((1, None), (512, None), (9, None), (6, "tree"), (16, "tree"), (48, "tree"), (4, "expanded"))
     for name, (Hq, Hkv, D) in SHAPES.items():
@@ -456,55 +456,36 @@ def compile_variants(archs=tuple(ARCHS), full=False):
 
 
 def _compile_arch(arch, full):
-    import contextlib, io, tempfile
+    import contextlib, io, tempfile, types
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
     assert not INTERPRET, "compile_variants needs TRITON_INTERPRET=0"
-
-    class Device:  # what a launch asks the driver: the target, a device id (a cache per arch) and a stream
-        def __init__(self, arch):
-            self.arch = arch
-
-        def get_current_target(self):
-            return GPUTarget("cuda", self.arch, 32)
-
-        def get_current_device(self):
-            return self.arch
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    seen, run = {}, JITFunction.run
+    seen, run, (n_sm, max_shared) = {}, JITFunction.run, ARCHS[arch]
 
     def compile_only(fn, *args, grid, warmup, **kw):
         with contextlib.redirect_stdout(io.StringIO()) as log:  # ptxas's report, printed by Triton
             kernel = run(fn, *args, grid=grid, warmup=True, **kw)
-        grid = tuple(grid) + (1,) * (3 - len(grid))
         if id(kernel) not in seen:
             regs, spills = (sum(map(int, re.findall(p, log.getvalue()))) for p in (r"Used (\d+) registers",
                                                                                      r"(\d+) bytes spill stores"))
+            bad = [f"{spills} B of register spills"] * bool(spills and arch >= 90) + [
+                f"shared memory {kernel.metadata.shared} B over sm_{arch}'s {max_shared}"] * (kernel.metadata.shared >
+                                                                                              max_shared)
             seen[id(kernel)] = dict(kernel=fn.__name__.strip("_"), variant=label, arch=arch, registers=regs,
-                                    spills=spills, shared=kernel.metadata.shared, bad=[], compiled=kernel)
-        if any(g > m for g, m in zip(grid, MAX_GRID)):
+                                    spills=spills, shared=kernel.metadata.shared, bad=bad)
+        if any(g > m for g, m in zip(tuple(grid) + (1, 1), MAX_GRID)):
             seen[id(kernel)]["bad"].append(f"grid {grid} over CUDA's limits")
 
     global AOT_SMS  # this process compiles for `arch` only (a fork of the caller: nothing to restore)
-    AOT_SMS, JITFunction.run = ARCHS[arch][0], compile_only
-    driver.set_active(Device(arch))
+    AOT_SMS, JITFunction.run = n_sm, compile_only
+    driver.set_active(types.SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", arch, 32),
+                                            get_current_device=lambda: arch, get_current_stream=lambda d=None: 0))
     with tempfile.TemporaryDirectory() as cache:  # an empty cache: every variant is compiled, and ptxas reports
         os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
         for label, launch in aot_launches(full):
             launch()
-    rows = []
-    for r in seen.values():
-        r.pop("compiled")
-        if r["shared"] > ARCHS[r["arch"]][1]:
-            r["bad"].append(f"shared memory {r['shared']} B over sm_{r['arch']}'s {ARCHS[r['arch']][1]}")
-        if r["spills"] and r["arch"] >= 90:
-            r["bad"].append(f"{r['spills']} B of register spills")
-        rows.append(r)
-    return rows
+    return list(seen.values())
 
 
 if __name__ == "__main__":

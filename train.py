@@ -15,12 +15,9 @@ steps with SD off and on.
 import argparse
 import copy
 import dataclasses
-import datetime
 import functools
 import hashlib
-import itertools
 import json
-import math
 import os
 import random
 import shutil
@@ -35,6 +32,7 @@ import torch.distributed as dist
 
 import nanotlt
 import presets
+import ranks
 import rl
 from drafter import FIXED_TREE, SpotTrainer
 from nanotlt import Drafter
@@ -75,7 +73,6 @@ class Config:
     eval_every: int = 20
     eval_prompts: int = 128
     eval_samples: int = 4  # sampled pass@1 over this many samples per eval prompt (temperature 0.6, top-p 0.95)
-    log: str = ""  # also log to an experiment tracker: wandb or tensorboard (installed separately)
     save_every: int = 20
     seed: int = 0
     dist_timeout_s: int = 600  # several ranks: a collective waiting longer is an error (a hang, a failed rank)
@@ -125,11 +122,12 @@ def parse_args(argv):
     else:
         raise ValueError(f"unknown preset {preset!r} (choose auto, real or tiny)")
     cfg = Config(**{**(TINY if preset == "tiny" else {}), **given, "preset": preset})
-    for key, ok in (("sd", ("on", "off")), ("release", ("auto", "none", "engine", "all")),
-                    ("log", ("", "wandb", "tensorboard"))):
+    for key, ok in (("sd", ("on", "off")), ("release", ("auto", "none", "engine", "all"))):
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key} takes {' or '.join(ok)}, got {getattr(cfg, key)!r}")
-    for key, lo in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("max_new_tokens", 1),
+    if cfg.group_size < 2:
+        raise ValueError(f"--group_size {cfg.group_size}: GRPO's advantages are 0 in groups of one, nothing to learn")
+    for key, lo in (("steps", 1), ("prompts_per_step", 1), ("max_new_tokens", 1),
                     ("updates_per_rollout", 1), ("eval_prompts", 1), ("micro_batch_tokens", 1), ("logprob_chunk", 1),
                     ("eval_samples", 0), ("eval_every", 0), ("save_every", 0), ("drafter_min_steps", 0)):
         if getattr(cfg, key) < lo:
@@ -139,83 +137,6 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------------------
 # ranks
-
-
-def setup_distributed(timeout_s=600):
-    """The process group; `timeout_s` bounds each collective. Every rank runs the collectives in lockstep (the same
-    ones in the same order, whatever its data), and rank-local work of any length (a rollout, an evaluation, a
-    checkpoint that rank 0 writes) ends in `arrive`, a rendezvous on the group's store, not in a collective: the
-    timeout then only ever measures lockstep work, and a mismatch becomes an error naming the collective."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if not torch.cuda.is_available():
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # machines without a network interface
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-    if dev is not None:
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev is not None else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=dev)
-    return dist.get_rank(), dist.get_world_size()
-
-
-class RankFailed(RuntimeError):
-    """Another rank failed first: its error, ending this rank too."""
-
-
-_ERROR, _arrivals = "nanotlt/error", itertools.count()
-
-
-def arrive():
-    """This rank reached the next rendezvous. Returns all_arrived(): True once every rank has; it raises
-    RankFailed if a rank failed meanwhile (see fail_together). Polled, so a rank can work while it waits."""
-    if not dist.is_initialized():
-        return lambda: True
-    store, world, key = dist.distributed_c10d._get_default_store(), dist.get_world_size(), f"nanotlt/{next(_arrivals)}"
-    store.add(key, 1)
-
-    def all_arrived():
-        if store.check([_ERROR]):
-            raise RankFailed(store.get(_ERROR).decode())
-        return store.add(key, 0) >= world
-    return all_arrived
-
-
-def wait_all():
-    """Block until every rank gets here (a barrier with no timeout, that ends when another rank fails)."""
-    all_arrived = arrive()
-    while not all_arrived():
-        time.sleep(0.01)
-
-
-def fail_together(e):
-    """The error this rank ends with: the first one any rank reported. This rank's own is posted on the store,
-    where the others' rendezvous see it at once, and a rank whose collective timed out reads it."""
-    if not dist.is_initialized() or isinstance(e, RankFailed):
-        return e
-    mine = f"rank {dist.get_rank()} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-    try:
-        first = dist.distributed_c10d._get_default_store().compare_set(_ERROR, "", mine).decode()
-    except Exception:  # the store is gone (its host exited): this rank's own error it is
-        return e
-    return e if first == mine else RankFailed(first)
-
-
-def all_reduce(x, op=None):  # a no-op in a single process
-    if dist.is_initialized():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
-
-
-def all_reduce_dict(d, device, op=None):
-    """All-reduce a dict of numbers (the same keys on every rank) in one collective."""
-    return dict(zip(d, all_reduce(torch.tensor(list(d.values()), dtype=torch.float64, device=device), op).tolist()))
-
-
-def teardown():
-    """Every rank arrives before any closes its connections: gloo aborts a rank whose peer hung up mid-teardown."""
-    if dist.is_initialized():
-        wait_all()
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,10 +149,10 @@ def load_models(cfg, device, world):
     built by the first rank of each node while the others wait (their node's cache may be its own)."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not first:
-        wait_all()
-    policy, tok = presets.load(cfg.model, "cpu" if world > 1 else device)
+        ranks.wait_all()
+    policy, tok = presets.load(cfg.model, "cpu" if world > 1 else device, seed=cfg.seed)
     if first:
-        wait_all()
+        ranks.wait_all()
     if cfg.dataset == "tiny":
         cfg.dataset, eval_dataset = presets.tiny_files(cfg.model) or (None, None)
         if cfg.dataset is None:
@@ -298,119 +219,6 @@ def score(cfg, tok, outputs, samples):
                               [r["answer"] for _, r in samples], tok.eos_token_id, cfg.max_new_tokens)
 
 
-def lr_at(cfg, step):
-    """The policy's learning rate at a step: linear warm-up, then a cosine from lr down to lr x lr_min_ratio."""
-    r = cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps - 1)))
-    return cfg.lr * min(1.0, (step + 1) / (cfg.lr_warmup + 1)) * r
-
-
-def update(cfg, policy, ref, opt, samples, outputs, adv, world, progress=False):
-    """The policy update: micro-batches of similar length, token-level loss normalised by the global number of
-    response tokens, gradients summed across ranks (FSDP2's reduce-scatter, summing). Returns the batch's
-    metrics: loss, clip_frac (response tokens whose ratio was clipped), kl (k3, against the reference), entropy
-    (the mean of -log p over the sampled tokens: the sampling distribution's entropy, estimated), the gradient
-    norm before clipping and the learning rate. Raises on every rank together if any rank's loss or the
-    gradients are not finite."""
-    seqs = []  # (input ids, first response position, response length, advantage)
-    for (_, row), out, a in zip(samples, outputs, adv.tolist()):
-        seqs.append((row["ids"] + out, len(row["ids"]), len(out), a))
-    device = next(policy.parameters()).device
-    n_tokens = all_reduce(torch.tensor(float(sum(s[2] for s in seqs)), device=device))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    batches, cur = [], []
-    for i in order:  # token-budget micro-batches over length-sorted sequences: little padding
-        if cur and (len(cur) + 1) * len(seqs[i][0]) > cfg.micro_batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    batches.append(cur)
-    batches = [[seqs[i] for i in b] for b in batches]
-    # sharded, every rank must run as many forward/backward passes (each gathers weights from all ranks): the
-    # ranks with fewer micro-batches add empty ones (a 2-token row, no response token: no loss, zero gradients)
-    n = int(all_reduce(torch.tensor(float(len(batches)), device=device), dist.ReduceOp.MAX).item())
-    batches += [[([0, 0], 1, 0, 0.0)]] * (n - len(batches))
-    with torch.no_grad():  # the behaviour policy (for the clipped ratio) and the frozen reference (for the KL)
-        T = cfg.temperature or 1.0  # greedy rollouts: plain log-probs
-        lp = lambda model: [logprobs(model, b, device, T, cfg.top_p, cfg.logprob_chunk)[0] for b in batches]
-        old = lp(policy) if cfg.updates_per_rollout > 1 else None
-        refs = lp(ref) if ref is not None else None
-    # summed over this rank's micro-batches: loss; over its response tokens: clipped, KL, -log p
-    sums = torch.zeros(4, device=device)
-    for _ in range(cfg.updates_per_rollout):
-        for j, b in enumerate(batches if not progress else __import__("tqdm").tqdm(batches, desc="update", leave=False)):
-            logp, mask, a = logprobs(policy, b, device, T, cfg.top_p, cfg.logprob_chunk)
-            loss, m = rl.policy_loss(logp, logp.detach() if old is None else old[j], a, mask, n_tokens,
-                                     ref_logp=None if refs is None else refs[j], kl_coef=cfg.kl_coef)
-            loss.backward()
-            sums += torch.stack([loss.detach(), m["clip_frac"] * mask.sum(), m.get("kl", 0 * loss) * mask.sum(),
-                                 -(logp.detach() * mask).sum()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor: sharded
-        if not all_reduce(torch.isfinite(sums[0] + grad_norm).float(), dist.ReduceOp.MIN).item():
-            raise FloatingPointError("non-finite loss or gradients: try a lower --lr")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sums = all_reduce(sums).tolist()
-    tokens = n_tokens.item() * cfg.updates_per_rollout
-    return dict(loss=sums[0] / cfg.updates_per_rollout, clip_frac=sums[1] / max(1, tokens), kl=sums[2] / max(1, tokens),
-                entropy=sums[3] / max(1, tokens), grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
-
-
-def logprobs(policy, seqs, device, temperature=1.0, top_p=1.0, chunk_tokens=4096):
-    """Log-probs of the response tokens under softmax(logits / temperature) within the top-p nucleus, the
-    distribution the rollout sampled from: (logp [B, T-1], mask [B, T-1], advantages [B]). On a GPU the compute
-    is bf16 (FSDP2's mixed precision, or autocast for a single rank)."""
-    T = max(len(s[0]) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T - 1)  # mask[b, t]: token t+1 is a response token
-    for b, (toks, start, n, _) in enumerate(seqs):
-        ids[b, :len(toks)] = torch.tensor(toks)
-        mask[b, start - 1:start - 1 + n] = 1
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not is_sharded(policy)):
-        logp = rl.token_logprobs(policy, ids.to(device), chunk_tokens, temperature, top_p)
-    return logp.float(), mask.to(device), torch.tensor([s[3] for s in seqs], device=device)
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def shard(model, device):
-    """FSDP2 over all ranks: each block is a unit, the root (embedding, final norm, head, tied or not) the last.
-    On a GPU the compute is bf16 and gradients are reduced in fp32. Gradients are summed, not averaged: the loss
-    is already divided by the global token count. The policy is only ever called whole (rl.token_logprobs), so each
-    micro-batch gathers the root's weights once on every rank."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
-    return model
-
-
-@torch.no_grad()
-def copy_weights(src, dst):
-    """Policy -> inference copy, one FSDP unit at a time (a block, then the root's own weights): the whole
-    policy is never gathered at once."""
-    sharded = is_sharded(src)
-    for s, d, own in [(s, d, lambda n: True) for s, d in zip(src.layers, dst.layers)] + \
-                     [(src, dst, lambda n: not n.startswith("layers."))]:
-        if sharded:
-            s.unshard()
-        for (name, p), q in zip(s.named_parameters(), d.parameters()):
-            if own(name):
-                if q.numel() != p.numel():  # freed for the update
-                    q.data = torch.empty(p.shape, dtype=q.dtype, device=q.device)
-                q.copy_(p)
-        if sharded:
-            s.reshard()
-
-
 def evaluate(cfg, engine, tok, rows, rank, world, device):
     """Held-out prompts, split across ranks: greedy accuracy, the sampled pass@1 people report for reasoning
     models (cfg.eval_samples samples per prompt at temperature 0.6, top-p 0.95), and with a drafter its acceptance
@@ -430,8 +238,8 @@ def evaluate(cfg, engine, tok, rows, rank, world, device):
             for i in range(0, len(mine), per):
                 outs, samples, _ = rollout(k, engine, tok, mine[i:i + per], None, -1)
                 sums[1] += float(score(cfg, tok, outs, samples).sum())
-    wait_all()  # the ranks' evaluations take different times
-    s = all_reduce(sums.to(device)).tolist()
+    ranks.wait_all()  # the ranks' evaluations take different times
+    s = ranks.all_reduce(sums.to(device)).tolist()
     out = dict(eval_accuracy=s[0] / len(rows))
     if cfg.eval_samples:
         out["eval_pass@1"] = s[1] / (len(rows) * cfg.eval_samples)
@@ -457,7 +265,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    wait_all()
+    ranks.wait_all()
     weights, optim = get_state_dict(policy, opt)
     dcp.save({"policy": weights, "optim": optim}, checkpoint_id=os.path.join(tmp, "state"))
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -473,7 +281,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
     os.makedirs(mine, exist_ok=True)
     torch.save({"torch_rng": torch.get_rng_state(), "python_rng": nanotlt.rng_state(),
                 "bandit": bandit and bandit.state_dict()}, os.path.join(mine, "rng.pt"))
-    wait_all()
+    ranks.wait_all()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -483,7 +291,7 @@ def save_checkpoint(cfg, step, policy, tok, opt, trainer, bandit, rank, world):
         done = sorted(d for d in os.listdir(os.path.join(cfg.out, "ckpt")) if d.startswith("step_") and "." not in d)
         for old in done[:-2]:
             shutil.rmtree(os.path.join(cfg.out, "ckpt", old))  # keep the last two
-    wait_all()
+    ranks.wait_all()
 
 
 def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
@@ -514,7 +322,7 @@ def load_checkpoint(cfg, policy, infer, opt, trainer, bandit, rank, world):
     set_state_dict(policy, opt, model_state_dict=state["policy"], optim_state_dict=state["optim"])
     for g in opt.param_groups:
         g["lr"] = cfg.lr
-    copy_weights(policy, infer)
+    ranks.copy_weights(policy, infer)
     if trainer is not None:
         trainer.load(os.path.join(mine, "drafter"))
         for g in trainer.opt.param_groups:
@@ -564,8 +372,8 @@ def training(cfg, rank=0, world=1, log=print):
     ref = None
     if cfg.kl_coef:
         ref = copy.deepcopy(policy).requires_grad_(False).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-        ref = shard(ref, device) if world > 1 else ref.to(device)
-    policy = shard(policy, device) if world > 1 else policy.to(device)
+        ref = ranks.shard(ref, device) if world > 1 else ref.to(device)
+    policy = ranks.shard(policy, device) if world > 1 else policy.to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     drafter = trainer = None
     if cfg.sd == "on":
@@ -589,14 +397,13 @@ def training(cfg, rank=0, world=1, log=print):
             f"dropped), {len(eval_rows)} eval prompts, "
             f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, {world} rank(s)")
         log("config " + json.dumps(dataclasses.asdict(cfg)))
-        kept = [l for l in open(metrics_path) if l.endswith("\n")] if cfg.resume and os.path.exists(metrics_path) else []
+        kept = [ln for ln in open(metrics_path) if ln.endswith("\n")] if cfg.resume and os.path.exists(
+            metrics_path) else []
         with open(metrics_path, "w") as f:  # on resume, drop what was logged after the checkpoint (or cut off)
-            f.writelines(l for l in kept if json.loads(l)["step"] < start)
+            f.writelines(ln for ln in kept if json.loads(ln)["step"] < start)
         if not cfg.resume:  # a new run: a later --resume must not pick up an older run's checkpoint
             shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
-    history, tracker = [], make_tracker(cfg) if rank == 0 else None
-    run = types.SimpleNamespace(history=history, policy=policy, drafter=drafter, trainer=trainer, opt=opt,
-                                engine=engine)
+    run = types.SimpleNamespace(history=[], policy=policy, drafter=drafter, trainer=trainer, opt=opt, engine=engine)
     for step in range(start, cfg.steps + 1):
         # evaluate the policy (and how well the drafter follows it) before every eval_every-th step and at the end
         evals = evaluate(cfg, engine, tok, eval_rows, rank, world, device) if cfg.eval_every and (
@@ -605,84 +412,53 @@ def training(cfg, rank=0, world=1, log=print):
             if evals and rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(dict(step=step, **evals)) + "\n")
-                tracker and tracker(evals, step)
                 log("final | " + " | ".join(f"{k} {v:.3f}" for k, v in evals.items()))
             break
         t0 = time.perf_counter()
         outputs, samples, rs = rollout(cfg, engine, tok, step_prompts(rows, cfg, step, rank, world), trainer, step,
                                        progress=rank == 0 and sys.stderr.isatty())
-        rollout_end = time.perf_counter() - t0
+        times = dict(rollout_s=time.perf_counter() - t0)
         if trainer is not None:
-            trainer.train_until(step, arrive())  # this rank is done: keep training until every rank is
+            trainer.train_until(step, ranks.arrive())  # this rank is done: keep training until every rank is
             trainer.top_up(step, cfg.drafter_min_steps)  # ends with the trainer stopped
-        idle_end = time.perf_counter() - t0
+        times["drafter_s"] = time.perf_counter() - t0 - times["rollout_s"]
         rewards = score(cfg, tok, outputs, samples)
-        adv = rl.group_advantages(rewards, cfg.group_size)
         masked, truncated = rl.mask_truncated(outputs, tok.eos_token_id, cfg.max_new_tokens)
         if "engine" in freed:  # the update does not fit beside the engine's caches and graphs
             engine.release()
         if "inference_copy" in freed:  # nor beside the inference copy: copy_weights allocates it again
             for p in infer.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        update_t0 = time.perf_counter()
+        t1 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        um = update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs, adv, world,
-                    rank == 0 and sys.stderr.isatty())
-        copy_weights(policy, infer)
+            g["lr"] = rl.lr_at(cfg, step)
+        um = rl.update(cfg, policy, ref, opt, samples, masked if cfg.mask_truncated else outputs,
+                       rl.group_advantages(rewards, cfg.group_size), world, rank == 0 and sys.stderr.isatty())
+        ranks.copy_weights(policy, infer)
         if device.type == "cuda":
             torch.cuda.synchronize()  # the update's kernels are done, not just queued
-        update_s = time.perf_counter() - update_t0
-        tstats = {}
+        times["update_s"] = time.perf_counter() - t1
         if trainer is not None:
             trainer.sync()  # average the training copies across ranks: the serving drafter for the next step
-            tstats = trainer.stats()
-        lens = [len(o) for o in outputs]
-        n_train = sum(tstats.get(k, 0) for k in ("tail_steps", "idle_steps", "topup_steps"))
-        drafter_stats = {f"drafter_{k}": tstats.get(k, 0.0)
-                         for k in ("tail_steps", "idle_steps", "topup_steps", "train_s", "stop_wait_s")}
-        flat = rewards.view(-1, cfg.group_size)
-        sums = all_reduce_dict(dict(reward=rewards.sum().item(), correct=(rewards == 1).sum().item(), rows=len(lens),
-                                    len=sum(lens), sd_tokens=rs["sd_tokens"], sd_rows=rs["sd_rows"],
-                                    tokens=rs["tokens"], truncated=sum(truncated),
-                                    zero_std=(flat == flat[:, :1]).all(1).sum().item(), captures=rs["captures"],
-                                    drafter_loss=tstats.get("loss", 0.0) * n_train, **drafter_stats), device)
-        train_steps = sums["drafter_tail_steps"] + sums["drafter_idle_steps"] + sums["drafter_topup_steps"]
-        maxs = all_reduce_dict(dict(len=max(lens), rollout_s=rollout_end, tail_s=rs["tail_s"], update_s=update_s,
-                                    drafter_s=idle_end - rollout_end, capture_s=rs["capture_s"]), device,
-                               dist.ReduceOp.MAX)
-        rec = dict(step=step, reward_mean=sums["reward"] / sums["rows"], accuracy=sums["correct"] / sums["rows"],
-                   frac_reward_zero_std=sums["zero_std"] * cfg.group_size / sums["rows"],  # groups with no signal
-                   response_len_mean=sums["len"] / sums["rows"], response_len_max=int(maxs["len"]), **um,
-                   rollout_s=maxs["rollout_s"], tail_s=maxs["tail_s"], drafter_s=maxs["drafter_s"],
-                   update_s=maxs["update_s"], step_s=time.perf_counter() - t0,
-                   sd_accept_len=sums["sd_tokens"] / max(1, sums["sd_rows"]),
-                   sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(train_steps),
-                   **{k: int(sums[k]) for k in ("drafter_tail_steps", "drafter_idle_steps", "drafter_topup_steps")},
-                   drafter_loss=sums["drafter_loss"] / max(1, train_steps),  # per step, over the ranks' steps
-                   # per-rank means; stop_wait_s: the rollout waiting for a running drafter step to end
-                   **{k: sums[k] / world for k in ("drafter_train_s", "drafter_stop_wait_s")},
-                   tokens=int(sums["tokens"]), truncated=int(sums["truncated"]), tail_frac=maxs["tail_s"] /
-                   max(1e-9, maxs["rollout_s"]), graph_captures=int(sums["captures"]), capture_s=maxs["capture_s"],
-                   arms={str(k): v for k, v in rs["arms"].items()}, **evals)
-        digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()
-        timeline = dict(steps=rs["timeline"], tail_start=rs.get("tail_start_s"), rollout_end=rollout_end,
-                        idle_end=idle_end, digest=digest, tail_training=trainer is not None and cfg.tail_training)
-        timelines = [None] * world
+        rec = step_record(cfg, step, rewards, outputs, truncated, rs, trainer.stats() if trainer else {}, times, world,
+                          device)
+        rec.update(um, step_s=time.perf_counter() - t0, **evals)
+        timeline = dict(steps=rs["timeline"], tail_start=rs["tail_start_s"], rollout_end=times["rollout_s"],
+                        idle_end=times["rollout_s"] + times["drafter_s"],
+                        tail_training=cfg.tail_training and trainer is not None,
+                        digest=hashlib.sha256(json.dumps(outputs).encode()).hexdigest())  # the rollouts, compared
+        timelines = [timeline] * world
         if world > 1:
             dist.all_gather_object(timelines, timeline)
-        else:
-            timelines = [timeline]
-        history.append(dict(rec, timelines=timelines))
+        run.history.append(dict(rec, timelines=timelines))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            tracker and tracker(rec, step)
             log(f"step {step:4d} | reward {rec['reward_mean']:.3f} | len {rec['response_len_mean']:6.1f} "
-                f"(max {rec['response_len_max']}) | rollout {rec['rollout_s']:6.2f}s tail {rec['tail_s']:5.2f}s | "
+                f"(max {rec['response_len_max']}) | rollout {rec['rollout_s']:6.2f}s, tail {rec['tail_frac']:4.0%} | "
                 f"accept {rec['sd_accept_len']:.2f} | drafter {rec['drafter_train_steps']} steps loss "
-                f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s"
-                + "".join(f" | {k} {v:.3f}" for k, v in evals.items()))
+                f"{rec['drafter_loss']:.3f} | step {rec['step_s']:6.2f}s" + "".join(f" | {k} {v:.3f}" for k, v in
+                                                                                   evals.items()))
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
             save_checkpoint(cfg, step, policy, tok, opt, trainer, engine.bandit, rank, world)
         if step < cfg.steps - 1:
@@ -692,8 +468,37 @@ def training(cfg, rank=0, world=1, log=print):
     yield run
 
 
+def step_record(cfg, step, rewards, outputs, truncated, rs, ts, times, world, device):
+    """A step's metrics over all ranks: rewards and accuracy, the fraction of groups whose rewards are all equal
+    (no learning signal), response lengths, the rollout's tail and its share of the rollout, SD's acceptance, the
+    drafter's training (steps per phase, loss, seconds; stop_wait_s: the rollout waiting for a running drafter step
+    to end), CUDA-graph captures, and the slowest rank's seconds per phase."""
+    phases = ("tail_steps", "idle_steps", "topup_steps")
+    lens, groups = [len(o) for o in outputs], rewards.view(-1, cfg.group_size)
+    n_train = sum(ts.get(k, 0) for k in phases)
+    sums = ranks.all_reduce_dict(dict(reward=rewards.sum().item(), correct=(rewards == 1).sum().item(), rows=len(lens),
+                                len=sum(lens), tokens=rs["tokens"], truncated=sum(truncated), sd_tokens=rs["sd_tokens"],
+                                sd_rows=rs["sd_rows"], zero_std=(groups == groups[:, :1]).all(1).sum().item(),
+                                graph_captures=rs["captures"], drafter_loss=ts.get("loss", 0.0) * n_train,
+                                **{"drafter_" + k: ts.get(k, 0.0) for k in phases + ("train_s", "stop_wait_s")}),
+                           device)
+    maxs = ranks.all_reduce_dict(dict(len=max(lens), tail_s=rs["tail_s"], capture_s=rs["capture_s"], **times), device,
+                           dist.ReduceOp.MAX)
+    train_steps, len_max = sum(sums["drafter_" + k] for k in phases), int(maxs.pop("len"))
+    return dict(step=step, reward_mean=sums["reward"] / sums["rows"], accuracy=sums["correct"] / sums["rows"],
+                frac_reward_zero_std=sums["zero_std"] * cfg.group_size / sums["rows"],
+                response_len_mean=sums["len"] / sums["rows"], response_len_max=len_max, **maxs,
+                tail_frac=maxs["tail_s"] / max(1e-9, maxs["rollout_s"]), tokens=int(sums["tokens"]),
+                truncated=int(sums["truncated"]), sd_accept_len=sums["sd_tokens"] / max(1, sums["sd_rows"]),
+                sd_token_frac=sums["sd_tokens"] / max(1, sums["tokens"]), drafter_train_steps=int(train_steps),
+                drafter_loss=sums["drafter_loss"] / max(1, train_steps), graph_captures=int(sums["graph_captures"]),
+                **{"drafter_" + k: int(sums["drafter_" + k]) for k in phases},
+                **{k: sums[k] / world for k in ("drafter_train_s", "drafter_stop_wait_s")},  # per-rank means
+                arms={str(k): v for k, v in rs["arms"].items()})
+
+
 # ---------------------------------------------------------------------------------------------------------
-# what a run shows: an experiment tracker, curves.png
+# what a run shows: curves.png
 
 
 def pyplot():  # matplotlib is optional: None without it
@@ -706,70 +511,38 @@ def pyplot():  # matplotlib is optional: None without it
     return plt
 
 
-def make_tracker(cfg):
-    """--log wandb | tensorboard: each step's numbers also go to an experiment tracker (installed separately)."""
-    if not cfg.log:
-        return None
-    try:
-        if cfg.log == "wandb":
-            import wandb
-            run = wandb.init(project="nanotlt", config=dataclasses.asdict(cfg), dir=cfg.out)
-            return lambda rec, step: run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError(f"--log {cfg.log}: {e} (pip install {cfg.log})") from None
-    writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
-
-    def log(rec, step):
-        for k, v in rec.items():
-            if isinstance(v, (int, float)):
-                writer.add_scalar(k, v, step)
-        writer.flush()
-    return log
-
-
 def plot_curves(metrics_path, path):
-    """The run at a glance: rewards and accuracies, response lengths, acceptance lengths, and each step's time
-    split into the bulk of the rollout, its tail, the drafter's training after it and the policy update."""
+    """The run at a glance: the reward and eval accuracies, response lengths, the drafter's acceptance, and each
+    step's time split into the rollout's bulk, its tail, the drafter's training after it and the policy update."""
     plt = pyplot()
-    if plt is None:
+    recs = [json.loads(line) for line in open(metrics_path)]
+    steps, evals = [r for r in recs if "reward_mean" in r], [r for r in recs if "eval_accuracy" in r]
+    if plt is None or not steps:
         return None
-    with open(metrics_path) as f:
-        recs = [json.loads(line) for line in f]
-    steps = [r for r in recs if "reward_mean" in r]
-    evals = [r for r in recs if "eval_accuracy" in r]
-    if not steps:
-        return None
-    x = [r["step"] for r in steps]
-    col = lambda rs, k: [r.get(k, 0.0) for r in rs]
+    x, xe, col = [r["step"] for r in steps], [r["step"] for r in evals], lambda rs, k: [r.get(k, 0.0) for r in rs]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
-    reward = col(steps, "reward_mean")
+    reward, w = col(steps, "reward_mean"), 10  # the trend: a trailing mean over w steps
     ax[0, 0].plot(x, reward, label="reward (train samples)", alpha=0.35, color="C0")
-    w = 10  # the trend: a trailing mean over w steps
     ax[0, 0].plot(x, [statistics.fmean(reward[max(0, i - w + 1):i + 1]) for i in range(len(x))], color="C0",
                   label=f"reward, mean of the last {w} steps")
-    for k, label, c in (("eval_accuracy", "eval accuracy (greedy)", "C1"),
-                        ("eval_pass@1", "eval pass@1 (sampled)", "C2")):
+    for k, label, c in (("eval_accuracy", "eval accuracy (greedy)", "C1"), ("eval_pass@1", "eval pass@1", "C2")):
         if evals and k in evals[0]:
-            ax[0, 0].plot([r["step"] for r in evals], col(evals, k), "o-", label=label, color=c)
-    ax[0, 0].set_title("reward and accuracy")
+            ax[0, 0].plot(xe, col(evals, k), "o-", label=label, color=c)
     ax[0, 1].plot(x, col(steps, "response_len_mean"), label="mean")
     ax[0, 1].plot(x, col(steps, "response_len_max"), label="max")
-    ax[0, 1].set_title("response length (tokens)")
+    ax[0, 1].plot(x, [100 * f for f in col(steps, "tail_frac")], ":", label="tail, % of the rollout's time")
     ax[1, 0].plot(x, col(steps, "sd_accept_len"), label="rollout (the bandit's trees)")
     if evals and "eval_accept_len" in evals[0]:
-        ax[1, 0].plot([r["step"] for r in evals], col(evals, "eval_accept_len"), "o-", label="eval (fixed tree 6/4/16)")
-    ax[1, 0].set_title("drafter: accepted tokens per verify step")
+        ax[1, 0].plot(xe, col(evals, "eval_accept_len"), "o-", label="eval (fixed tree 6/4/16)")
     parts = {"rollout, bulk": [r["rollout_s"] - r["tail_s"] for r in steps], "rollout, tail": col(steps, "tail_s"),
              "drafter training after the rollout": col(steps, "drafter_s"), "update": col(steps, "update_s")}
-    parts["other"] = [max(0.0, r["step_s"] - sum(p[i] for p in parts.values())) for i, r in enumerate(steps)]
     bottom = [0.0] * len(x)
     for name, v in parts.items():
         ax[1, 1].bar(x, v, bottom=bottom, label=name, width=0.85)
         bottom = [b + t for b, t in zip(bottom, v)]
-    ax[1, 1].set_title("step time (s)")
-    for a in ax.flat:
-        a.set_xlabel("RL step")
+    for a, title in zip(ax.flat, ("reward and accuracy", "response length (tokens)",
+                                  "drafter: accepted tokens per verify step", "step time (s)")):
+        a.set(title=title, xlabel="RL step")
         a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -780,48 +553,29 @@ def plot_curves(metrics_path, path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_memory(cfg, world):
-    """On a GPU: refuse, in one line, a configuration whose memory plan does not fit, naming flags that make it fit."""
-    if not torch.cuda.is_available() or cfg.preset == "tiny":
-        return
-    gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / presets.GiB
-    args = presets.model_args(cfg.model)
-    plan = presets.plan_memory(cfg, world, args, gib)
-    if not plan["fits"]:
-        fix = presets.fitting_flags(cfg, world, args, gib)
-        raise ValueError(f"{cfg.model} needs {plan['peak_gb']} GiB per GPU on {world} x {gib:.0f} GiB (see "
-                         f"--plan_memory): {'try ' + fix if fix else 'use more GPUs'}")
-
-
 def main(argv):
     cfg, why = parse_args(argv)
     if cfg.plan_memory:
-        world = cfg.nproc_per_node * cfg.nnodes
-        plan = presets.plan_memory(cfg, world, presets.model_args(cfg.model), cfg.gpu_gb)
-        print(f"{cfg.model} on {world} GPU(s) of {cfg.gpu_gb} GiB, {cfg.prompts_per_step} prompts x {cfg.group_size}, "
-              f"{cfg.max_new_tokens}-token responses: per rank, rollout {plan['rollout_peak_gb']} GiB, update "
-              f"{plan['update_peak_gb']} GiB -> {'fits' if plan['fits'] else 'DOES NOT FIT'}")
-        for k, v in plan["parts_gb"].items():
-            print(f"  {k:22} {v:8.2f} GiB")
-        print(json.dumps(dict(model=cfg.model, **plan)))
-        return
-    rank, world = setup_distributed(cfg.dist_timeout_s)
-    check_memory(cfg, world)
+        return presets.print_plan(cfg, cfg.nproc_per_node * cfg.nnodes, cfg.gpu_gb)
+    rank, world = ranks.setup(cfg.dist_timeout_s)
+    if torch.cuda.is_available() and cfg.preset != "tiny":  # refuse, in one line, what does not fit
+        presets.check_fits(cfg, world, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+                           / presets.GiB)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"nanotlt: {cfg.preset} preset ({why})")
     try:
         train(cfg, rank, world, log)
     except Exception as e:
-        err = fail_together(e)
+        err = ranks.fail_together(e)
         if err is e:
             raise
         raise err from None  # another rank failed first: its error
-    teardown()
+    ranks.teardown()
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FloatingPointError, RankFailed) as e:
+    except (ValueError, FloatingPointError, ranks.RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
